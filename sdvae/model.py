@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,7 @@ PRESETS: dict[str, Preset] = {
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = ("fp32", "fp16", "bf16")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -123,24 +125,52 @@ def _load_diffusers_folder(path: Path) -> AutoencoderKL:
 
     folder = path if _is_diffusers_folder(path) else path / "vae"
     try:
-        return AutoencoderKL.from_pretrained(folder).eval()
+        return AutoencoderKL.from_pretrained(folder).float().eval()
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({_first_line(err)})") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hub endpoint accepts a TCP connection (fails fast instead of retrying for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_hub(ref: str) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
+    name = ref.split("/")[-1]
+    # The local Hugging Face cache first: it works offline and costs no request.
+    for subfolder in (None, "vae"):
+        try:
+            with warnings.catch_warnings():  # huggingface_hub deprecation chatter is not for our users
+                warnings.simplefilter("ignore")
+                return AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True).eval()
+        except Exception:  # not cached (or cached without this subfolder): try the next way
+            pass
+    if not _hub_reachable():
+        raise UserError(
+            f"cannot load '{ref}': not in the local Hugging Face cache and the Hub is unreachable; "
+            f"download it where there is network and pass the folder, e.g. --model /path/to/{name}"
+        )
     errors = []
     for subfolder in (None, "vae"):
         try:
             return AutoencoderKL.from_pretrained(ref, subfolder=subfolder).eval()
-        except Exception as err:  # hub/network errors come in many types; all mean "not loadable"
+        except Exception as err:  # hub errors come in many types; all mean "not loadable"
             errors.append(_first_line(err))
-    raise UserError(
-        f"cannot load '{ref}' from the Hugging Face Hub (offline or not found: {errors[0]}); "
-        f"download it elsewhere and pass the local folder instead, e.g. --model /path/to/{ref.split('/')[-1]}"
-    )
+    raise UserError(f"cannot load '{ref}' from the Hugging Face Hub ({errors[-1]}); "
+                    f"pass a local folder instead, e.g. --model /path/to/{name}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -279,12 +309,13 @@ def save_diffusers(vae: AutoencoderKL, out: str | os.PathLike[str], dtype: str =
     target = torch_dtype(dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
     try:
-        src_dtype = next(vae.parameters()).dtype
-        vae.to(target)
-        try:
-            vae.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            vae.to(src_dtype)
+        from safetensors.torch import save_file
+
+        # Written by hand rather than with save_pretrained so the model is not cast in place; this is
+        # exactly the layout from_pretrained reads.
+        vae.save_config(tmp)
+        weights = {k: v.detach().to("cpu", target).contiguous() for k, v in vae.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         _replace_dir(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
