@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdvae.atomic import atomic_file
 from sdvae.errors import UserError
 
 
@@ -71,18 +71,11 @@ def write_latents_file(tensors: dict[str, torch.Tensor], meta: Mapping[str, Any]
     dest = Path(path)
     if dest.suffix != ".safetensors":
         raise UserError(f"{dest}: latents are written as .safetensors; use that extension")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     header = {"sdvae": json.dumps(meta)}
     header.update({k: str(meta[k]).lower() if isinstance(meta[k], bool) else str(meta[k])
                    for k in ("format", "config_hash", "scaled") if k in meta})
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_file(dest) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,9 +188,9 @@ def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None) 
               ``torch.load(weights_only=True)``), with or without a ``first_stage_model.``/``vae.``
               prefix; the architecture is inferred from tensor shapes;
             * a Hugging Face Hub id (``org/name``), through diffusers' own loading.
-        preset_scaling: for single files, which carry no scaling factor: take scaling/shift from this
-            preset (e.g. ``"sdxl"`` or ``"flux"``). By default 4-channel files get ``sd``'s and
-            16-channel files ``sd3``'s.
+        preset_scaling: for single files: take scaling/shift from this preset (e.g. ``"sdxl"`` or
+            ``"flux"``). Files written by ``sdvae convert`` record their own; for other files, which
+            carry none, 4-channel files get ``sd``'s and 16-channel files ``sd3``'s.
 
     Raises:
         UserError: the reference cannot be resolved or loaded; the message names it.
@@ -229,7 +227,9 @@ def _load_single_file(path: Path, preset_scaling: str | None) -> AutoencoderKL:
 
     config, state_dict = read_single_file(path)
     latent = config["latent_channels"]
-    scaling_from = preset_scaling or ("sd" if latent == 4 else "sd3" if latent == 16 else None)
+    # Files we wrote record their scaling (sdvae metadata); other files get the family default.
+    scaling_from = preset_scaling or (
+        None if "scaling_factor" in config else "sd" if latent == 4 else "sd3" if latent == 16 else None)
     if scaling_from is not None:
         if scaling_from not in PRESETS:
             raise UserError(f"unknown preset '{scaling_from}' for scaling: choose one of {', '.join(PRESETS)}")
@@ -293,8 +293,8 @@ def save_diffusers(vae: AutoencoderKL, out: str | os.PathLike[str], dtype: str =
                    overwrite: bool = False) -> Path:
     """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors) atomically.
 
-    The folder is written under a temporary name beside ``out`` and renamed into place, so ``out`` is
-    either the complete old folder or the complete new one, never half-written.
+    The folder is written under a temporary name beside ``out`` and renamed into place
+    (:func:`sdvae.atomic.atomic_dir`), so ``out`` is never half-written.
 
     Args:
         vae: the model to save (not modified: a cast copy is written).
@@ -305,30 +305,16 @@ def save_diffusers(vae: AutoencoderKL, out: str | os.PathLike[str], dtype: str =
     out_path = Path(out)
     if out_path.exists() and not (out_path.is_dir() and not any(out_path.iterdir())) and not overwrite:
         raise UserError(f"{out_path}: already exists (pass --force to replace it)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     target = torch_dtype(dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    from sdvae.atomic import atomic_dir
+
+    with atomic_dir(out_path) as tmp:
         # Written by hand rather than with save_pretrained so the model is not cast in place; this is
         # exactly the layout from_pretrained reads.
         vae.save_config(tmp)
         weights = {k: v.detach().to("cpu", target).contiguous() for k, v in vae.state_dict().items()}
         save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        _replace_dir(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move folder ``new`` to ``dest``, replacing whatever is there with two renames."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(new, dest)

@@ -43,11 +43,11 @@ def test_latents_file_roundtrip(tmp_path: Path) -> None:
 
 
 def test_latents_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="missing.safetensors"):
+    with pytest.raises(UserError, match=r"missing\.safetensors"):
         read_latents_file(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(UserError, match="junk.safetensors"):
+    with pytest.raises(UserError, match=r"junk\.safetensors"):
         read_latents_file(junk)
     with pytest.raises(UserError, match=r"\.safetensors"):
         write_latents_file({}, {}, tmp_path / "x.pt")

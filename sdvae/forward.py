@@ -1,0 +1,63 @@
+"""The training-time forward pass as one module, so DDP and autocast wrap all of it."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+class VAEForward(nn.Module):
+    """encode → reparameterize → decode in a single ``forward``.
+
+    Calling ``vae.encode``/``vae.decode`` on the unwrapped model (as diffusers' reference training
+    script does) bypasses DDP's gradient all-reduce hooks and accelerate's autocast. Wrapping the
+    whole pass in one module and handing *that* to ``accelerator.prepare`` keeps both.
+
+    Args:
+        vae: the model being trained.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, eps: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the VAE.
+
+        Args:
+            images: (B,3,H,W) in [-1, 1], H and W multiples of the downsampling factor.
+            eps: (B,C,h,w) standard normal noise for the reparameterized draw
+                z = mean + exp(logvar/2)·eps; None decodes the mean. Passing the noise in (see
+                :func:`posterior_noise`) makes training independent of process count and RNG state.
+
+        Returns:
+            recon (B,3,H,W) ≈ [-1,1], posterior mean (B,C,h,w), posterior logvar (B,C,h,w).
+        """
+        posterior = self.vae.encode(images).latent_dist
+        z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+def posterior_noise(indices: torch.Tensor, step: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Reparameterization noise that depends only on (seed, step, image index).
+
+    Drawing ε per image from its own seeded generator (instead of the process's global RNG) makes a
+    run with N processes see exactly the noise of a 1-process run over the same global batch, and a
+    resumed run the noise of an uninterrupted one.
+
+    Args:
+        indices: (B,) dataset indices of the batch's images.
+        step: micro-batch counter.
+        shape: (C, h, w) latent shape.
+        seed: run seed.
+
+    Returns:
+        (B,C,h,w) float32 standard normal noise on CPU.
+    """
+    out = torch.empty(len(indices), *shape)
+    for row, index in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_000_019 + int(index))
+        out[row] = torch.randn(shape, generator=g)
+    return out

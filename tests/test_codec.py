@@ -1,0 +1,64 @@
+"""Codec: any-size images, precision fallback, tiling policy, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdvae.codec import Codec
+from sdvae.model import build_preset
+
+
+def test_any_size_roundtrip_crops_back_and_matches_diffusers(test_vae) -> None:
+    x = torch.rand(1, 3, 21, 30) * 2 - 1
+    codec = Codec(test_vae, tile="off")
+    recon, enc = codec.roundtrip(x)
+    assert recon.shape == x.shape
+    assert enc.mean.shape == (1, 4, 3, 4) and enc.size == (21, 30)
+    # Same as diffusers on the reflect-padded image, cropped.
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3), mode="reflect")
+    with torch.no_grad():
+        ref = test_vae.decode(test_vae.encode(padded).latent_dist.mean).sample[..., :21, :30]
+    assert torch.equal(recon, ref)
+
+
+def test_sampling_is_seeded_and_differs_from_mean(test_vae) -> None:
+    codec = Codec(test_vae, tile="off")
+    enc = codec.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    a = enc.latents(True, torch.Generator().manual_seed(1))
+    b = enc.latents(True, torch.Generator().manual_seed(1))
+    c = enc.latents(True, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, enc.mean)
+    # z = mean + exp(logvar/2)·ε: the standardized draw is the generator's normal sample.
+    eps = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close((a - enc.mean) / torch.exp(0.5 * enc.logvar), eps)
+
+
+def test_low_precision_falls_back_to_fp32_on_overflow() -> None:
+    vae = build_preset("test")
+    with torch.no_grad():  # make the last conv overflow fp16 (max 65504) but not fp32
+        vae.decoder.conv_out.weight.mul_(1e6)
+    z = torch.randn(1, 4, 2, 2)
+    fp32 = Codec(build_preset("test"), tile="off")
+    fp32.master.load_state_dict(vae.state_dict())
+    low = Codec(vae, dtype="fp16", tile="off")
+    out = low.decode(z)
+    assert torch.isfinite(out).all()
+    assert any("fp16" in n and "fp32" in n for n in low.notes)
+    assert torch.equal(out, fp32.decode(z))
+
+
+def test_bf16_runs_without_fallback(test_vae) -> None:
+    codec = Codec(test_vae, dtype="bf16", tile="off")
+    out, _ = codec.roundtrip(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert out.dtype == torch.float32 and codec.notes == []
+    ref, _ = Codec(build_preset("test"), tile="off").roundtrip(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("tile", ["on", "off", "auto"])
+def test_tiling_modes_agree(test_vae, tile: str) -> None:
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
+    ref, _ = Codec(build_preset("test"), tile="off").roundtrip(x)
+    out, _ = Codec(test_vae, tile=tile).roundtrip(x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
