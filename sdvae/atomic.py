@@ -39,6 +39,8 @@ def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as f:  # the rename must not become visible before the data is on disk
+            os.fsync(f.fileno())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -72,6 +72,7 @@ class Codec:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
+        self.dtype_name = dtype
         self.tile = tile
         self.master = vae.to(self.device, torch.float32).eval()
         self.factor = downsample_factor(vae)
@@ -97,8 +98,7 @@ class Codec:
     def _with_fallback(self, what: str, run) -> torch.Tensor:
         out = run(self._model(self.dtype), self.dtype)
         if self.dtype != torch.float32 and not torch.isfinite(out).all():
-            name = str(self.dtype).replace("torch.", "")
-            self.notes.append(f"{what} in {name} produced non-finite values; redone in fp32")
+            self.notes.append(f"{what} in {self.dtype_name} produced non-finite values; redone in fp32")
             out = run(self.master, torch.float32)
         return out.float()
 

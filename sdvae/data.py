@@ -31,12 +31,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from sdvae.config import DataConfig
 from sdvae.errors import UserError
-from sdvae.images import is_image_file, load_image
+from sdvae.images import image_to_tensor, is_image_file, load_image
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class FolderSource(ImageSource):
     def load(self, i: int) -> torch.Tensor:
         path = self.root / self.files[self._check(i)]
         try:
-            return load_image(path).tensor[0].float()
+            return load_image(path).tensor[0]
         except UserError:
             raise
         except Exception as err:  # a decoder bug on one odd file must not end a long run
@@ -192,15 +192,14 @@ def _value_to_tensor(value: Any) -> torch.Tensor:
         if value.get("bytes"):
             value = value["bytes"]
         elif value.get("path"):
-            return load_image(value["path"]).tensor[0].float()
+            value = value["path"]
         else:
             raise UserError("empty image cell")
-    if isinstance(value, (bytes, bytearray)):
-        with Image.open(io.BytesIO(value)) as img:
-            img.load()
-            return _pil_to_tensor(img)
     if isinstance(value, str):
-        return load_image(value).tensor[0].float()
+        return load_image(value).tensor[0]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        with Image.open(io.BytesIO(value)) as img:
+            return _pil_to_tensor(img)
     if isinstance(value, Image.Image):
         return _pil_to_tensor(value)
     if isinstance(value, (np.ndarray, list)):
@@ -211,24 +210,8 @@ def _value_to_tensor(value: Any) -> torch.Tensor:
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image of any common mode → (3,H,W) float32 RGB in [-1,1], EXIF-rotated, alpha on white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the precision
-        arr = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode.startswith("I;16") else max(
-            1.0, float(np.asarray(img).max())))
-        x = torch.from_numpy(np.ascontiguousarray(arr)).clamp(0, 1)[None].expand(3, -1, -1)
-        return x * 2 - 1
-    if img.mode == "F":
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).clamp(0, 1)[None].expand(3, -1, -1)
-        return x * 2 - 1
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    img = img.convert("RGB")  # grayscale, palette, CMYK, YCbCr, ...
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1
+    """An opened PIL image → (3,H,W) float32 RGB in [-1,1], with exactly ``load_image``'s conversions."""
+    return image_to_tensor(img).tensor[0]
 
 
 def _load_hf(loader: Any, ref: str, what: str) -> Any:

@@ -26,8 +26,14 @@ logs), ``kl_bpd`` the same in bits per image dimension.
 
 Adversarial weight: with ``disc_adaptive_weight`` (LDM),
 ``λ = disc_weight · clamp(‖∇_w nll‖ / (‖∇_w G_adv‖ + 1e-4), 0, 1e4)`` with ``w`` the decoder's last
-weight; it is invariant to the scale of ``nll``, so the adversarial term keeps LDM's relative size.
-Without it ``λ = disc_weight`` relative to the per-element ``nll`` above (LDM has no such mode).
+weight. λ scales with ``nll``, so λ·G_adv keeps LDM's size relative to the other terms (only the
+1e4 clamp, applied to this D-times smaller λ, binds later than LDM's; it matters only when the
+adversarial gradient all but vanishes). Without it ``λ = disc_weight`` relative to the per-element
+``nll`` above (LDM has no such mode).
+
+Learned log-variance: LDM defines ``nll = rec / exp(s) + s`` with a learnable scalar ``s`` but its
+``configure_optimizers`` never gives ``s`` to an optimizer, so in LDM's code it stays at ``s = 0``
+(``nll = rec``). ``learned_logvar=True`` really learns it (via :meth:`VAELoss.trainable_parameters`).
 """
 
 from __future__ import annotations
@@ -386,6 +392,8 @@ class VAELoss(nn.Module):
         super().__init__()
         if cfg.recon not in ("l1", "mse"):
             raise UserError(f"loss.recon: {cfg.recon!r} is not one of l1, mse")
+        if cfg.disc_weight > 0 and cfg.disc_layers < 1:
+            raise UserError(f"loss.disc_layers: must be >= 1, got {cfg.disc_layers}")
         if cfg.disc_loss not in ("hinge", "vanilla"):
             raise UserError(f"loss.disc_loss: {cfg.disc_loss!r} is not one of hinge, vanilla")
         for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight"):

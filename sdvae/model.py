@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny": Preset(
         "small f8c4 VAE that trains on 2 CPU cores (the embedded checkpoint's architecture)",
-        {**_SD_BLOCKS, "block_out_channels": [32, 64, 128, 128], "latent_channels": 4,
+        {**_SD_BLOCKS, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
          "sample_size": 256, "scaling_factor": 0.18215, "force_upcast": False,
          # Attention trained on 8x8 latents does not carry over to full-size images (measured).
          "mid_block_add_attention": False},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from itertools import islice
 from pathlib import Path
 
@@ -286,3 +287,29 @@ def test_explicit_val_source(folder: Path, tmp_path: Path):
     assert info.train_images == 12 and info.val_images == 1
     assert next(iter(val))["pixels"].shape == (1, 3, 24, 24)
     assert np.isfinite(next(iter(val))["pixels"].numpy()).all()
+
+
+def test_corrupt_dataset_row_is_skipped(tmp_path: Path):
+    import datasets
+
+    rows = [{"bytes": _png_bytes(40, 40, i), "path": None} for i in range(3)]
+    rows[1] = {"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": None}
+    rgba = Image.fromarray(make_photo(40, 40)).convert("RGBA")
+    rgba.putalpha(0)  # fully transparent → white after compositing
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    rows.append({"bytes": buf.getvalue(), "path": None})
+    ds = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+    ds.save_to_disk(str(tmp_path / "rows"))
+    src = open_source(str(tmp_path / "rows"))
+    with pytest.raises(UserError, match=r"rows\[1\]"):
+        src.load(1)
+    assert torch.equal(src.load(3), torch.ones(3, 40, 40))
+    item = TrainDataset(src, resolution=32)[(0, 1)]
+    assert item["pixels"] is not None and item["index"] != 1 and item["skipped"][0][0].endswith("rows[1]")
+
+
+def _png_bytes(width: int, height: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(make_photo(width, height, seed)).save(buf, format="PNG")
+    return buf.getvalue()

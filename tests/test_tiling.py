@@ -106,7 +106,9 @@ def test_low_precision_stays_in_dtype(test_vae):
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_store_roundtrip_and_group_stats(on_disk, tmp_path):
     data = torch.randn(1, 6, 7, 9, generator=torch.Generator().manual_seed(6)) * 3 + 50  # mean >> std
-    store = TensorStore(6, 7, 9, torch.float32, path=str(tmp_path / "a.raw") if on_disk else None)
+    spill = tiling.SpillFiles(str(tmp_path))
+    store = TensorStore(6, 7, 9, torch.float32, spill=spill if on_disk else None)
+    assert store.on_disk == on_disk
     for y0, y1, x0, x1 in tiling._tiles(7, 9, 10):
         store.write(y0, x0, data[:, :, y0:y1, x0:x1])
     assert torch.equal(store.read(0, 7, 0, 9), data)
@@ -116,7 +118,13 @@ def test_store_roundtrip_and_group_stats(on_disk, tmp_path):
     assert torch.allclose(mean, groups.mean(1).repeat_interleave(2), rtol=0, atol=1e-5)
     assert torch.allclose(var, groups.var(1, correction=0).repeat_interleave(2), rtol=1e-5, atol=0)
     store.close()
-    assert not (tmp_path / "a.raw").exists()
+    # A closed store's file is reused by the next one; the folder goes when the spill files close.
+    again = TensorStore(6, 7, 9, torch.float32, spill=spill if on_disk else None)
+    again.write(0, 0, data + 1)
+    assert torch.equal(again.read(0, 7, 0, 9), data + 1)
+    again.close()
+    spill.close()
+    assert not any(tmp_path.iterdir())
 
 
 def test_tiles_cover_output_exactly_once():

@@ -157,14 +157,16 @@ def main(cfg: RunConfig) -> dict[str, float]:
             for k, v in g_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / ga
             images_seen += images.shape[0] * accelerator.num_processes
+        loss_fn.all_reduce_trainable_grads()  # the learned logvar lives outside every DDP module
         if cfg.optim.grad_clip > 0:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if use_disc:  # every step, alongside the VAE (not alternating)
-            disc_opt.step()
-            disc_sched.step()
+        if use_disc:  # every step once started, alongside the VAE (not alternating)
+            if loss_fn.disc_active(step):  # before that Adam would count empty steps
+                disc_opt.step()
+                disc_sched.step()
             disc_opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(vae)
