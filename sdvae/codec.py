@@ -15,13 +15,48 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from sdvae.images import crop_to, pad_to_multiple
 from sdvae.model import downsample_factor, torch_dtype
 from sdvae.tiling import should_tile, tiled_decode, tiled_encode
 
 TILE_MODES = ("auto", "on", "off")
+
+
+def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the bottom and right of images so both sides are multiples of ``factor``.
+
+    Reflect padding (no hard edge for the convolutions to react to); a side shorter than or equal to its
+    padding cannot be reflected, so that side is replicate-padded instead.
+
+    Args:
+        x: (B,C,H,W) or (C,H,W) float tensor.
+        factor: the multiple, ≥ 1 (the model's downsampling factor).
+
+    Returns:
+        The padded tensor (..., ceil(H/f)*f, ceil(W/f)*f) (``x`` itself when nothing is needed) and the
+        original (H, W) for :func:`crop_to`.
+    """
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"pad_to_multiple expects (B,C,H,W) or (C,H,W), got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % factor, -width % factor
+    if pad_w:
+        x = F.pad(x, (0, pad_w, 0, 0), mode="reflect" if pad_w < width else "replicate")
+    if pad_h:
+        x = F.pad(x, (0, 0, 0, pad_h), mode="reflect" if pad_h < height else "replicate")
+    return x, (height, width)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple`: keep the top-left (H, W) of ``x`` (..., H', W') (a view)."""
+    height, width = size
+    if height > x.shape[-2] or width > x.shape[-1]:
+        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to a larger size {(height, width)}")
+    return x[..., :height, :width]
 
 
 @dataclass

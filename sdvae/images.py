@@ -1,4 +1,4 @@
-"""Image files in and out: loading that never crashes on bad input, atomic saving, padding helpers.
+"""Image files in: loading that never crashes on bad input (saving: :mod:`sdvae.figures`).
 
 Everything the model sees goes through :func:`load_image`, which turns any file Pillow can decode into
 a (1,3,H,W) float32 RGB tensor in [-1, 1] and reports every conversion it made as a one-line note
@@ -7,7 +7,7 @@ empty, truncated or non-image file, or an image above Pillow's decompression-bom
 :class:`~sdvae.errors.UserError` naming the file, never a traceback or a silently grey image.
 
 Tensor convention throughout: RGB, channels first, float in [-1, 1] (``-1`` black, ``+1`` white);
-8-bit values ``v`` map to ``v / 127.5 - 1`` and back with rounding (see :func:`to_pil`).
+8-bit values ``v`` map to ``v / 127.5 - 1`` and back with rounding (see :func:`sdvae.figures.to_pil`).
 """
 
 from __future__ import annotations
@@ -15,34 +15,20 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdvae.atomic import atomic_file
 from sdvae.errors import UserError
 
 PathLike = str | os.PathLike
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-
-# Extension → (Pillow format, save options). JPEG: quality 95 and no chroma subsampling, so a saved
-# reconstruction is not visibly worse than the tensor it came from; WebP: lossless for the same reason.
-_SAVE_FORMATS: dict[str, tuple[str, dict]] = {
-    ".png": ("PNG", {}),
-    ".jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
-    ".jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
-    ".webp": ("WEBP", {"lossless": True}),
-    ".bmp": ("BMP", {}),
-    ".tif": ("TIFF", {}),
-    ".tiff": ("TIFF", {}),
-}
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _EXIF_ORIENTATION = 0x0112
@@ -156,136 +142,6 @@ def check_min_size(img_size: tuple[int, int], factor: int, path: PathLike) -> No
     if width < factor or height < factor:
         raise UserError(f"{path}: image is {width}×{height} pixels, smaller than one latent cell of this model "
                         f"({factor}×{factor}); use an image at least {factor} pixels on each side")
-
-
-def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """Convert a model-space image to an 8-bit RGB PIL image.
-
-    Args:
-        tensor: (3,H,W) or (1,3,H,W), any float dtype and device, nominally in [-1, 1]. Values
-            outside are clamped; NaN becomes 0 (mid grey).
-
-    Returns:
-        An RGB image of size (W, H): ``round((x + 1) * 127.5)``, the inverse of :func:`load_image`
-        for 8-bit inputs (rounding, not truncation, so an 8-bit image survives a round trip exactly).
-    """
-    if tensor.dim() == 4:
-        if tensor.shape[0] != 1:
-            raise ValueError(f"to_pil takes one image, got a batch of {tensor.shape[0]}")
-        tensor = tensor[0]
-    if tensor.dim() != 3 or tensor.shape[0] != 3:
-        raise ValueError(f"to_pil expects (3,H,W) or (1,3,H,W), got {tuple(tensor.shape)}")
-    x = torch.nan_to_num(tensor.detach().float().cpu(), nan=0.0).clamp(-1, 1)
-    pixels = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
-def save_image(img: Image.Image | torch.Tensor, path: PathLike, *, protect: Iterable[PathLike] = ()) -> Path:
-    """Write an image atomically; the format comes from the extension.
-
-    Written with :func:`sdvae.atomic.atomic_file`: readers never see a half-written file, and a
-    failed write leaves any existing file untouched and no temporary file behind.
-
-    Args:
-        img: a PIL image, or a (3,H,W)/(1,3,H,W) tensor in [-1, 1] (converted with :func:`to_pil`).
-        path: destination; ``.png``, ``.jpg``/``.jpeg`` (quality 95, 4:4:4), ``.webp`` (lossless),
-            ``.bmp``, ``.tif``/``.tiff`` (any case).
-        protect: paths that must never be overwritten (the inputs). Compared after resolving
-            symlinks and ``..``, and by inode when both exist.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        UserError: unknown extension, protected destination, destination is a folder, or the file
-            system refuses the write. A missing folder is created.
-    """
-    dest = Path(path)
-    fmt_options = _SAVE_FORMATS.get(dest.suffix.lower())
-    if fmt_options is None:
-        known = ", ".join(sorted(_SAVE_FORMATS))
-        raise UserError(f"{dest}: unknown image extension {dest.suffix or '(none)'!r}; use one of {known}")
-    for guarded in protect:
-        if _same_file(dest, Path(guarded)):
-            raise UserError(f"{dest}: refusing to overwrite the input image {guarded}; choose another output path")
-    if dest.is_dir():
-        raise UserError(f"{dest}: is a folder; give an image file name")
-    pil = to_pil(img) if isinstance(img, torch.Tensor) else img
-    fmt, options = fmt_options
-    if pil.mode not in ("RGB", "RGBA", "L") or (fmt == "JPEG" and pil.mode == "RGBA"):
-        pil = pil.convert("RGB")
-    try:
-        with atomic_file(dest) as tmp, open(tmp, "wb") as f:
-            pil.save(f, format=fmt, **options)
-    except OSError as err:
-        raise UserError(f"{dest}: cannot write ({err.strerror or err})") from None
-    return dest
-
-
-def side_by_side(a: Image.Image | torch.Tensor, b: Image.Image | torch.Tensor,
-                 labels: tuple[str, str] = ("original", "reconstruction")) -> Image.Image:
-    """Put two images next to each other, each with a small label above it, for visual comparison.
-
-    Args:
-        a: left image (PIL, or a tensor in [-1, 1] as accepted by :func:`to_pil`).
-        b: right image; may differ in size from ``a`` (both are top-aligned).
-        labels: texts drawn above ``a`` and ``b``, in Pillow's default font.
-
-    Returns:
-        An RGB image on a white background with a 4-pixel gap between the panels.
-    """
-    left, right = (to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in (a, b))
-    gap, margin = 4, 2
-    # Labels scale gently with the image so they stay readable on large outputs without dominating
-    # small ones; the bitmap fallback keeps this working on a Pillow built without FreeType.
-    font = _default_font(max(10, min(48, max(left.height, right.height) // 40)))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [measure.textbbox((0, 0), text, font=font) for text in labels]
-    label_h = max(box[3] for box in boxes) + 2 * margin
-    widths = [max(img.width, box[2] + 2 * margin) for img, box in zip((left, right), boxes, strict=True)]
-    canvas = Image.new("RGB", (widths[0] + gap + widths[1], label_h + max(left.height, right.height)), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for img, text, width in zip((left, right), labels, widths, strict=True):
-        draw.text((x + margin, margin), text, fill="black", font=font)
-        canvas.paste(img, (x, label_h))
-        x += width + gap
-    return canvas
-
-
-def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad the bottom and right of images so both sides are multiples of ``factor``.
-
-    Reflect padding (no hard edge for the convolutions to react to); a side shorter than or equal to its
-    padding cannot be reflected, so that side is replicate-padded instead.
-
-    Args:
-        x: (B,C,H,W) or (C,H,W) float tensor.
-        factor: the multiple, ≥ 1 (the model's downsampling factor).
-
-    Returns:
-        The padded tensor (..., ceil(H/f)*f, ceil(W/f)*f) (``x`` itself when nothing is needed) and the
-        original (H, W) for :func:`crop_to`.
-    """
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-    if x.dim() not in (3, 4):
-        raise ValueError(f"pad_to_multiple expects (B,C,H,W) or (C,H,W), got {tuple(x.shape)}")
-    height, width = x.shape[-2:]
-    pad_h, pad_w = -height % factor, -width % factor
-    if pad_w:
-        x = F.pad(x, (0, pad_w, 0, 0), mode="reflect" if pad_w < width else "replicate")
-    if pad_h:
-        x = F.pad(x, (0, 0, 0, pad_h), mode="reflect" if pad_h < height else "replicate")
-    return x, (height, width)
-
-
-def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`: keep the top-left (H, W) of ``x`` (..., H', W') (a view)."""
-    height, width = size
-    if height > x.shape[-2] or width > x.shape[-1]:
-        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to a larger size {(height, width)}")
-    return x[..., :height, :width]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,26 +394,3 @@ def _float_to_unit(values: np.ndarray, notes: list[str]) -> np.ndarray:
         values = values / 255.0
         notes.append("32-bit float grayscale read as 0..255 (values above 255 clipped) and converted to RGB")
     return np.clip(values, 0.0, 1.0).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving helpers
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.resolve() == b.resolve():
-            return True
-    except (OSError, RuntimeError):  # e.g. a symlink loop: fall back to the inode check
-        pass
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _default_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (ImportError, OSError, TypeError):  # Pillow without FreeType: fixed-size bitmap font
-        return ImageFont.load_default()

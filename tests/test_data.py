@@ -1,4 +1,4 @@
-"""sdvae.data: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
+"""sdvae.data / sdvae.sources: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from sdvae.data import (
     ValDataset,
     build_dataloaders,
     collate,
-    open_source,
     split_validation,
 )
 from sdvae.errors import UserError
+from sdvae.sources import open_source
 
 
 def _save(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:

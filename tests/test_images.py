@@ -18,18 +18,15 @@ import torch
 from PIL import Image
 
 from sdvae import images
+from sdvae.codec import crop_to, pad_to_multiple
 from sdvae.errors import UserError
+from sdvae.figures import save_image, side_by_side, to_pil
 from sdvae.images import (
     LoadedImage,
     check_min_size,
-    crop_to,
     image_to_tensor,
     is_image_file,
     load_image,
-    pad_to_multiple,
-    save_image,
-    side_by_side,
-    to_pil,
 )
 
 

@@ -1,4 +1,4 @@
-"""sdvae.losses / sdvae.discriminator: every term's gradient path, KL math, adaptive GAN weight,
+"""sdvae.losses / sdvae.perceptual / sdvae.discriminator: every term's gradient path, KL math, adaptive GAN weight,
 LPIPS weight resolution without network, mixed precision, and DDP.
 
 Fast and CPU-only: the micro `test` VAE on 32×32 images, LPIPS with random (squeezenet/alexnet)
@@ -25,13 +25,12 @@ from sdvae.losses import (
     VAELoss,
     adaptive_weight,
     bits_per_dim,
-    build_lpips,
     decoder_last_layer,
     kl_divergence,
-    lpips_backbone_cache_path,
     lpips_distance,
 )
 from sdvae.model import build_preset
+from sdvae.perceptual import build_lpips, lpips_backbone_cache_path
 
 # Every term off; each test switches on what it examines.
 OFF = LossConfig(recon_weight=0.0, lpips_weight=0.0, kl_weight=0.0, disc_weight=0.0, disc_start=0, disc_layers=2)

@@ -1,9 +1,11 @@
 """Benchmarks for sdvae. One subcommand per benchmark; each prints its figures as plain text.
 
     python tools/bench.py tiling [--size 1024] [--big 2048]
+    python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.1]
 
-Peak memory is always measured in a fresh subprocess (the ``_decode-child`` subcommand), so one
-measurement's allocations never inflate another's high-water mark.
+Every figure that is compared is measured in the same run. Peak memory is always measured in a fresh
+subprocess (the ``_decode-child`` / ``_train-child`` subcommands), so one measurement's allocations
+never inflate another's high-water mark.
 """
 
 from __future__ import annotations
@@ -115,6 +117,164 @@ def cmd_tiling(args: argparse.Namespace) -> None:
             print(f"  ratio tiled {args.big}² / untiled {args.size or 1024}²: {big['peak_rss'] / base['peak_rss']:.2f}")
 
 
+def _synthetic_batches(count: int, batch: int, resolution: int, seed: int = 0):
+    """``count`` photo-like (B,3,R,R) batches in [-1, 1]: smooth colour fields plus fine grain.
+
+    Speed does not depend on content, and both training steps get exactly the same batches.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        coarse = torch.rand(batch, 3, max(1, resolution // 8), max(1, resolution // 8), generator=gen)
+        x = F.interpolate(coarse, size=(resolution, resolution), mode="bicubic", align_corners=False)
+        x = x + 0.05 * torch.randn(x.shape, generator=gen)
+        out.append(x.clamp(0, 1) * 2 - 1)
+    return out
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+
+
+def _our_train_step(vae, args, total_steps: int):
+    """The step tools/train.py runs: one module through accelerate (autocast, fp32 master weights),
+    VAELoss (LPIPS with gradient), clipping, AdamW + schedule, EMA."""
+    import torch
+    from accelerate import Accelerator
+
+    from sdvae.config import LossConfig, OptimConfig
+    from sdvae.ema import EMA
+    from sdvae.forward import VAEForward
+    from sdvae.losses import VAELoss
+    from sdvae.optim import build_optimizer
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
+    loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,
+                                 kl_weight=args.kl_weight), random_lpips_backbone=True).to(accelerator.device)
+    optim_cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.99), grad_clip=1.0)
+    opt, sched = build_optimizer(vae.parameters(), args.lr, optim_cfg, total_steps)
+    model, opt = accelerator.prepare(VAEForward(vae), opt)
+    ema = EMA(vae, 0.999)
+    params = [p for p in vae.parameters() if p.requires_grad]
+
+    def step(i: int, images, eps) -> float:
+        with accelerator.autocast():
+            recon, mean, logvar = model(images, eps)
+            loss, logs = loss_fn.generator_loss(images, recon, mean, logvar, i)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, optim_cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(vae)
+        return logs["loss"]
+
+    return step, accelerator.device
+
+
+def _reference_train_step(vae, args, total_steps: int):
+    """A plain diffusers-style step (as in diffusers' train_autoencoderkl.py, minus its defects):
+    fp32, ``vae.encode``/``vae.decode`` called directly, the same loss terms with the same weights
+    (LPIPS with gradient, KL with our per-element reduction), clipping, AdamW; no EMA."""
+    import torch
+    import torch.nn.functional as F
+
+    from sdvae.perceptual import build_lpips
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae.to(device)
+    lpips_model = build_lpips(args.lpips_net, random_backbone=True).to(device) if args.lpips > 0 else None
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def step(i: int, images, eps) -> float:
+        posterior = vae.encode(images).latent_dist
+        z = posterior.mean + posterior.std * eps
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, images) if args.recon == "mse" else F.l1_loss(recon, images)
+        loss = rec + args.kl_weight * posterior.kl().mean() / images[0].numel()
+        if lpips_model is not None:
+            loss = loss + args.lpips * lpips_model(recon, images).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step, device
+
+
+def cmd_train_child(args: argparse.Namespace) -> None:
+    """Time one kind of training step in this (fresh) process; prints JSON for the parent."""
+    import torch
+
+    from sdvae.model import build_preset, downsample_factor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae = build_preset(args.preset).train()
+    factor = downsample_factor(vae)
+    total = args.warmup + args.steps
+    make = _our_train_step if args.mode == "ours" else _reference_train_step
+    step, device = make(vae, args, total)
+    batches = _synthetic_batches(total, args.batch, args.resolution)
+    latent = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
+    gen = torch.Generator().manual_seed(1)
+    noise = [torch.randn(args.batch, *latent, generator=gen) for _ in range(total)]
+    losses = []
+    for i in range(total):
+        if i == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        losses.append(step(i, batches[i].to(device), noise[i].to(device)))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images_per_s": args.steps * args.batch / seconds, "peak_memory": _peak_memory(device),
+                      "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+                      "device": str(device)}))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Our training step vs a plain diffusers-style reference step: images/s, peak memory, ratio."""
+    shared = ["--preset", args.preset, "--batch", str(args.batch), "--resolution", str(args.resolution),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--recon", args.recon,
+              "--lpips", str(args.lpips), "--lpips-net", args.lpips_net, "--kl-weight", str(args.kl_weight),
+              "--lr", str(args.lr)]
+    runs = {"reference (fp32)": ["--mode", "reference"]}
+    for precision in args.precisions.split(","):
+        runs[f"ours ({precision})"] = ["--mode", "ours", "--precision", precision]
+    losses = f"{args.recon}" + (f" + {args.lpips}·LPIPS-{args.lpips_net} (random backbone)" if args.lpips else "") \
+        + f" + {args.kl_weight:g}·KL"
+    print(f"preset {args.preset}, batch {args.batch}, {args.resolution}², loss {losses}, AdamW lr {args.lr:g}, "
+          f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches; "
+          f"peak memory = {'max allocated' if _cuda() else 'peak RSS'} of a fresh process each")
+    results = {}
+    for name, extra in runs.items():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_train-child", *shared, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
+        results[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {name:>18}: {r['images_per_s']:7.1f} images/s, peak {r['peak_memory'] / 1024**3:5.2f} GiB, "
+              f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (mean of last 5) on {r['device']}", flush=True)
+    ref = results.pop("reference (fp32)")
+    for name, r in results.items():
+        print(f"  {name} / reference: {r['images_per_s'] / ref['images_per_s']:.2f}x images/s, "
+              f"{r['peak_memory'] / ref['peak_memory']:.2f}x peak memory")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +285,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="sd")
     p.add_argument("--skip-untiled", action="store_true", help="do not measure the untiled peak RSS")
     p.set_defaults(func=cmd_tiling)
+
+    def train_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="tiny")
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--resolution", type=int, default=64)
+        p.add_argument("--steps", type=int, default=20, help="timed steps")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+        p.add_argument("--recon", choices=("mse", "l1"), default="mse")
+        p.add_argument("--lpips", type=float, default=0.1, help="LPIPS weight (0: off); random backbone")
+        p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
+        p.add_argument("--kl-weight", type=float, default=1e-6)
+        p.add_argument("--lr", type=float, default=4e-4)
+
+    p = sub.add_parser("train", help="our training step vs a diffusers-style reference step: images/s, memory")
+    train_args(p)
+    p.add_argument("--precisions", default="bf16" if not _cuda() else "bf16,fp16",
+                   help="comma-separated mixed precisions of our step to measure (no, bf16, fp16)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("_train-child", help=argparse.SUPPRESS)
+    train_args(p)
+    p.add_argument("--mode", choices=("ours", "reference"), required=True)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_train_child)
 
     p = sub.add_parser("_decode-child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("untiled", "tiled", "diffusers"), required=True)

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from tqdm import tqdm
 
+from sdvae.atomic import atomic_file
 from sdvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sdvae.config import RunConfig, dump_config, load_config
 from sdvae.data import build_dataloaders
@@ -44,6 +45,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
     """Run (or resume) training as configured; returns the last validation metrics."""
     out = Path(cfg.train.out)
     accelerator = Accelerator(
+        # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         # Frozen encoder (decoder-only fine-tuning) leaves parameters without gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.model.train_encoder)],
@@ -98,13 +101,14 @@ def main(cfg: RunConfig) -> dict[str, float]:
     ga = cfg.train.grad_accum
     train_loader, val_loader, data_info = build_dataloaders(
         cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes,
-        start_step=start_step * ga)
+        start_step=start_step * ga, skip_log_path=out / f"skipped-rank{accelerator.process_index}.txt")
     batches = iter(train_loader)
 
     writer = None
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        with atomic_file(out / "config.yaml") as tmp:
+            tmp.write_text(dump_config(cfg))
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -192,6 +196,13 @@ def main(cfg: RunConfig) -> dict[str, float]:
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             checkpoint(done)
     bar.close()
+    # DDP keeps replicas identical only if every gradient went through it: check, don't assume.
+    checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1).to(device)
+    checksums = accelerator.gather(checksum).cpu()
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"parameters differ across processes: checksums {checksums.tolist()}")
+    accelerator.print(f"parameters identical on all {accelerator.num_processes} process(es): "
+                      f"checksum {float(checksum):.10e}")
 
     # --- export ----------------------------------------------------------------------------------
     if main_proc:
@@ -201,7 +212,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
         save_diffusers(eval_vae, out / "final", overwrite=True)
         summary = {**metrics, "steps": cfg.train.steps, "skipped_images": run_meta["skipped"],
                    "train_seconds": round(run_meta["seconds"], 1), "weights": "ema" if ema is not None else "raw"}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        with atomic_file(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
         if writer is not None:
             writer.close()
     accelerator.wait_for_everyone()

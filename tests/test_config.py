@@ -1,0 +1,110 @@
+"""Run config (YAML → dataclasses → dotted overrides), LR schedule and EMA: the pieces train.py relies on."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sdvae.config import OptimConfig, RunConfig, dump_config, load_config
+from sdvae.ema import EMA
+from sdvae.errors import UserError
+from sdvae.optim import build_optimizer, lr_factor
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(saved) == cfg
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  kl_weight: 1e-6\noptim:\n  betas: [0.5, 0.9]\n")
+    cfg = load_config(path, ["--loss.kl_weight=1e-4", "--train.steps", "7", "--optim.betas=[0.9, 0.99]",
+                             "--model.train_encoder=false"])
+    assert cfg.loss.kl_weight == pytest.approx(1e-4) and isinstance(cfg.loss.kl_weight, float)
+    assert cfg.train.steps == 7
+    assert cfg.optim.betas == (0.9, 0.99)
+    assert cfg.model.train_encoder is False
+    assert cfg.loss.recon == "l1"  # untouched defaults stay
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--loss.kl_wieght=1"], "loss: unknown key(s) kl_wieght"),
+    (["--trian.steps=1"], "unknown section(s) trian"),
+    (["--train.steps=ten"], "train.steps: expected int"),
+    (["--loss.recon=l3"], "loss.recon: 'l3' is not one of"),
+    (["--optim.betas=[0.9]"], "optim.betas: expected a list of 2"),
+    (["steps=3"], "overrides look like --section.key=value"),
+    (["--steps=3"], "overrides look like --section.key=value"),
+])
+def test_bad_keys_and_values_name_the_key(overrides: list[str], message: str):
+    with pytest.raises(UserError, match=None) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path: Path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 110) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup reaches 1
+    assert f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.55)  # half-way through the cosine: midpoint of 1 and the floor
+    assert f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # monotone decay after warmup
+    const = OptimConfig(schedule="constant")
+    assert {lr_factor(s, const, 50) for s in range(50)} == {1.0}
+
+
+def test_optimizer_schedule_drives_the_learning_rate():
+    w = nn.Parameter(torch.zeros(3))
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    cfg = OptimConfig(lr=1e-3, warmup_steps=4, schedule="cosine")
+    opt, sched = build_optimizer([w, frozen], cfg.lr, cfg, 20)
+    assert [p for g in opt.param_groups for p in g["params"]] == [w]  # frozen parameters are left out
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3])
+
+
+def test_ema_averages_warms_up_and_round_trips():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.99)
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    d = min(0.99, 2 / 11)  # warm-up: the first update moves most of the way
+    for k, v in ema.shadow.items():
+        torch.testing.assert_close(v, d * start[k] + (1 - d) * (start[k] + 1))
+    other = nn.Linear(2, 2)
+    ema.copy_to(other)
+    torch.testing.assert_close(other.weight, ema.shadow["weight"])
+    restored = EMA(nn.Linear(2, 2), decay=0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1
+    assert all(torch.equal(restored.shadow[k], ema.shadow[k]) for k in ema.shadow)
