@@ -77,7 +77,7 @@ def _default_output(path: Path, suffix: str) -> Path:
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     import torch
 
-    from sdvae.images import save_image, side_by_side, to_pil
+    from sdvae.figures import save_image, side_by_side, to_pil
     from sdvae.metrics import psnr, quantize, ssim
 
     src = Path(args.image)
@@ -151,7 +151,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
     from sdvae.codec import Encoded
-    from sdvae.images import save_image, to_pil
+    from sdvae.figures import save_image, to_pil
     from sdvae.latents import read_latents_file
     from sdvae.model import config_hash
 
