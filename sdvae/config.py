@@ -40,7 +40,8 @@ class DataConfig:
     resize: int = 0  # resize the shorter side to this before cropping; 0: no resize
     crop: Literal["random", "center"] = "random"
     flip: bool = True
-    val_count: int = 8
+    mosaic: int = 1  # m > 1: train on m×m grids of (resolution/m)² crops of different images (see TrainDataset)
+    val_count: int = 8  # held-out images (a validation item is a mosaic of m² of them)
     num_workers: int = 2
 
 

@@ -108,11 +108,19 @@ class TrainDataset(Dataset):
     An unreadable image is replaced by another training image chosen deterministically from the same
     key (up to ``max_retries`` times); the failures travel with the item (``"skipped"``) so the main
     process can count and log them. Keeping the batch full avoids empty or ragged batches under DDP.
+
+    Mosaics (``mosaic=m > 1``): each item is an m×m grid of (R/m)² crops — the keyed image top-left,
+    the other m²−1 drawn deterministically from the same key. GroupNorm normalises over the whole
+    image, and on small training images zero-padded borders make up much of each low-resolution
+    feature map (44% of an 8×8 latent), so a VAE trained only on small images learns statistics that
+    do not hold on large ones: ours, trained on 64² crops, reconstructed 64² tiles of Kodak at 23 dB
+    but whole 768×512 images at 16 dB, with a colour cast. Mosaics of small images give large
+    training images with a realistic share of border.
     """
 
     def __init__(self, source: ImageSource, resolution: int, resize: int = 0,
                  crop: Literal["random", "center"] = "random", flip: bool = True, seed: int = 0,
-                 indices: Sequence[int] | None = None, max_retries: int = 8):
+                 indices: Sequence[int] | None = None, max_retries: int = 8, mosaic: int = 1):
         """
         Args:
             source: where images come from.
@@ -124,29 +132,33 @@ class TrainDataset(Dataset):
             seed: run seed.
             indices: source indices used for training (None: all).
             max_retries: replacement attempts for an unreadable image before the item is dropped.
+            mosaic: m: each item is an m×m grid of (R/m)² crops of different images (1: plain crops).
         """
         if resolution <= 0:
             raise UserError(f"data.resolution must be positive, got {resolution}")
+        _check_mosaic(resolution, mosaic)
         if crop not in ("random", "center"):
             raise UserError(f"data.crop must be 'random' or 'center', got {crop!r}")
         self.source, self.resolution, self.resize = source, resolution, resize
         self.crop, self.flip, self.seed, self.max_retries = crop, flip, seed, max_retries
         self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.mosaic = mosaic
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def augment(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def augment(self, image: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
         """Resize/crop/flip one image.
 
         Args:
             image: (3,H,W) float in [-1,1].
             generator: the item's private generator.
+            size: crop side (default: the dataset's resolution R).
 
         Returns:
-            (3,R,R) float32 in [-1,1], contiguous.
+            (3,size,size) float32 in [-1,1], contiguous.
         """
-        r = self.resolution
+        r = size or self.resolution
         image = _prepare(image, r, self.resize)
         h, w = image.shape[-2:]
         # Always draw the same three numbers in the same order, whatever the options: the stream
@@ -163,16 +175,38 @@ class TrainDataset(Dataset):
         """One training item.
 
         Returns:
-            ``{"pixels": (3,R,R) float32 in [-1,1] or None if unreadable, "index": source index,
-            "skipped": [(name, message), ...] failures met on the way}``.
+            ``{"pixels": (3,R,R) float32 in [-1,1] or None if unreadable, "index": source index (of the
+            top-left tile for a mosaic), "skipped": [(name, message), ...] failures met on the way}``.
         """
         epoch, k = key if isinstance(key, tuple) else (0, key)
+        m = self.mosaic
+        tile = self.resolution // m
         skipped: list[tuple[str, str]] = []
-        pick = None
+        tiles, first = [], self.indices[k]
+        for slot in range(m * m):
+            pixels, index = self._tile(epoch, k, slot, tile, skipped)
+            if pixels is None:
+                return {"pixels": None, "index": self.indices[k], "skipped": skipped}
+            tiles.append(pixels)
+            if slot == 0:
+                first = index
+        if m == 1:
+            return {"pixels": tiles[0], "index": first, "skipped": skipped}
+        rows = [torch.cat(tiles[r * m:(r + 1) * m], dim=2) for r in range(m)]
+        return {"pixels": torch.cat(rows, dim=1).contiguous(), "index": first, "skipped": skipped}
+
+    def _tile(self, epoch: int, k: int, slot: int, size: int,
+              skipped: list[tuple[str, str]]) -> tuple[torch.Tensor | None, int]:
+        """Slot 0: the keyed image; other slots (mosaic tiles): partners drawn from (seed, epoch, k, slot).
+
+        Returns ((3,size,size) crop or None when every attempt failed, source index); failures are
+        appended to ``skipped``.
+        """
+        pick = None if slot == 0 else _generator(self.seed, "mosaic", epoch, k, slot)
         for attempt in range(self.max_retries + 1):
-            if attempt == 0:
+            if attempt == 0 and slot == 0:
                 index = self.indices[k]
-            else:  # deterministic replacement: another training image, chosen from the same key
+            else:  # a partner tile, or a deterministic replacement for an unreadable image
                 if pick is None:
                     pick = _generator(self.seed, "replace", epoch, k)
                 index = self.indices[int(torch.randint(len(self.indices), (1,), generator=pick))]
@@ -181,9 +215,10 @@ class TrainDataset(Dataset):
             except UserError as err:
                 skipped.append((self.source.name(index), str(err)))
                 continue
-            generator = _generator(self.seed, "augment", epoch, index, attempt)
-            return {"pixels": self.augment(image, generator), "index": index, "skipped": skipped}
-        return {"pixels": None, "index": self.indices[k], "skipped": skipped}
+            # Slot 0 keeps the seed of a plain crop, so mosaic=1 runs are unchanged by this feature.
+            generator = _generator(self.seed, "augment", epoch, index, attempt, *([slot] if slot else []))
+            return self.augment(image, generator, size), index
+        return None, self.indices[k]
 
 
 class ValDataset(Dataset):
@@ -191,23 +226,36 @@ class ValDataset(Dataset):
 
     Items are ``{"pixels": (3,R,R) float32 in [-1,1] or None, "index": source index, "skipped": [...]}``;
     unreadable images are dropped by :func:`collate` (no replacement: validation must not change set).
+    With ``mosaic=m``, item k is the m×m grid of the center (R/m)² crops of images ``k·m² … k·m²+m²−1``
+    (so there are ``len(indices) // m²`` items).
     """
 
-    def __init__(self, source: ImageSource, resolution: int, resize: int = 0, indices: Sequence[int] | None = None):
-        self.source, self.resolution, self.resize = source, resolution, resize
+    def __init__(self, source: ImageSource, resolution: int, resize: int = 0, indices: Sequence[int] | None = None,
+                 mosaic: int = 1):
+        _check_mosaic(resolution, mosaic)
+        self.source, self.resolution, self.resize, self.mosaic = source, resolution, resize, mosaic
         self.indices = list(range(len(source))) if indices is None else list(indices)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) // (self.mosaic * self.mosaic)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        index = self.indices[k]
-        try:
-            image = self.source.load(index)
-        except UserError as err:
-            return {"pixels": None, "index": index, "skipped": [(self.source.name(index), str(err))]}
-        image = center_crop(_prepare(image, self.resolution, self.resize), self.resolution)
-        return {"pixels": image.float().contiguous(), "index": index, "skipped": []}
+        m = self.mosaic
+        size = self.resolution // m
+        tiles = []
+        for index in self.indices[k * m * m:(k + 1) * m * m]:
+            try:
+                image = self.source.load(index)
+            except UserError as err:
+                return {"pixels": None, "index": index, "skipped": [(self.source.name(index), str(err))]}
+            tiles.append(center_crop(_prepare(image, size, self.resize), size).float())
+        rows = [torch.cat(tiles[r * m:(r + 1) * m], dim=2) for r in range(m)]
+        return {"pixels": torch.cat(rows, dim=1).contiguous(), "index": self.indices[k * m * m], "skipped": []}
+
+
+def _check_mosaic(resolution: int, mosaic: int) -> None:
+    if mosaic < 1 or resolution % mosaic:
+        raise UserError(f"data.mosaic={mosaic} must be >= 1 and divide data.resolution={resolution}")
 
 
 def split_validation(num_items: int, val_count: int, seed: int = VAL_SPLIT_SEED) -> tuple[list[int], list[int]]:
@@ -464,7 +512,8 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
         train_idx, val_idx = split_validation(len(train_source), cfg.val_count)
         val_desc = f"{cfg.val_count} held out of train"
 
-    train_ds = TrainDataset(train_source, cfg.resolution, cfg.resize, cfg.crop, cfg.flip, seed, train_idx)
+    train_ds = TrainDataset(train_source, cfg.resolution, cfg.resize, cfg.crop, cfg.flip, seed, train_idx,
+                            mosaic=cfg.mosaic)
     # Stream mode (no dropped tail): every image is used equally and tiny datasets still work.
     sampler = ResumableSampler(len(train_ds), batch_size, seed, rank, world_size, drop_last=False,
                                start_step=start_step)
@@ -474,7 +523,7 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
     train_loader = SkipLoggingLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                      persistent_workers=workers > 0, pin_memory=pin, skip_log=skip_log,
                                      require_pixels=True)
-    val_ds = ValDataset(val_source, cfg.resolution, cfg.resize, val_idx)
+    val_ds = ValDataset(val_source, cfg.resolution, cfg.resize, val_idx, mosaic=cfg.mosaic)
     # Validation runs rarely; workers are started per pass instead of idling between passes.
     val_loader = SkipLoggingLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                    num_workers=min(workers, math.ceil(len(val_ds) / batch_size)),

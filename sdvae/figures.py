@@ -74,16 +74,8 @@ def save_image(img: Image.Image | torch.Tensor, path: PathLike, *, protect: Iter
         UserError: unknown extension, protected destination, destination is a folder, or the file
             system refuses the write. A missing folder is created.
     """
-    dest = Path(path)
-    fmt_options = _SAVE_FORMATS.get(dest.suffix.lower())
-    if fmt_options is None:
-        known = ", ".join(sorted(_SAVE_FORMATS))
-        raise UserError(f"{dest}: unknown image extension {dest.suffix or '(none)'!r}; use one of {known}")
-    for guarded in protect:
-        if _same_file(dest, Path(guarded)):
-            raise UserError(f"{dest}: refusing to overwrite the input image {guarded}; choose another output path")
-    if dest.is_dir():
-        raise UserError(f"{dest}: is a folder; give an image file name")
+    dest = check_output_path(path, protect=protect)
+    fmt_options = _SAVE_FORMATS[dest.suffix.lower()]
     pil = to_pil(img) if isinstance(img, torch.Tensor) else img
     fmt, options = fmt_options
     if pil.mode not in ("RGB", "RGBA", "L") or (fmt == "JPEG" and pil.mode == "RGBA"):
@@ -145,3 +137,81 @@ def _default_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except (ImportError, OSError, TypeError):  # Pillow without FreeType: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def image_grid(images: torch.Tensor | Iterable[Image.Image | torch.Tensor], nrow: int, padding: int = 2) -> Image.Image:
+    """Tile same-size images row by row on a white background (``sdvae sample``).
+
+    Args:
+        images: a (N,3,H,W) tensor in [-1, 1], or PIL images / (3,H,W) tensors, all the same size.
+        nrow: images per row (≥ 1); the last row may be shorter.
+        padding: white pixels between images and around the grid.
+
+    Returns:
+        An RGB image of ``nrow`` columns and ``ceil(N / nrow)`` rows.
+    """
+    tiles = [to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in images]
+    if not tiles:
+        raise ValueError("image_grid needs at least one image")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    width, height = tiles[0].size
+    if any(t.size != (width, height) for t in tiles):
+        raise ValueError("image_grid needs images of one size")
+    cols, rows = min(nrow, len(tiles)), -(-len(tiles) // nrow)
+    canvas = Image.new("RGB", (cols * (width + padding) + padding, rows * (height + padding) + padding), "white")
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, nrow)
+        canvas.paste(tile, (padding + c * (width + padding), padding + r * (height + padding)))
+    return canvas
+
+
+def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]]], padding: int = 2) -> Image.Image:
+    """Rows of same-size images, each row with its label on the left (``sdvae interpolate``).
+
+    Args:
+        rows: (label, images) pairs; images are PIL or (3,H,W)/(1,3,H,W) tensors in [-1, 1], all one size.
+        padding: white pixels between images.
+
+    Returns:
+        An RGB image: a label column (Pillow's default font, scaled with the image height), then the images.
+    """
+    prepared = [(label, [to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in images])
+                for label, images in rows]
+    if not prepared or not all(images for _, images in prepared):
+        raise ValueError("labelled_rows needs at least one row, each with at least one image")
+    width, height = prepared[0][1][0].size
+    if any(img.size != (width, height) for _, images in prepared for img in images):
+        raise ValueError("labelled_rows needs images of one size")
+    font = _default_font(max(10, min(48, height // 6)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(measure.textbbox((0, 0), label, font=font)[2] for label, _ in prepared) + 4 * padding
+    cols = max(len(images) for _, images in prepared)
+    canvas = Image.new("RGB", (label_w + cols * (width + padding) + padding,
+                               len(prepared) * (height + padding) + padding), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(prepared):
+        top = padding + r * (height + padding)
+        box = draw.textbbox((0, 0), label, font=font)
+        draw.text((2 * padding, top + (height - box[3]) // 2), label, fill="black", font=font)
+        for c, img in enumerate(images):
+            canvas.paste(img, (label_w + padding + c * (width + padding), top))
+    return canvas
+
+
+def check_output_path(path: PathLike, *, protect: Iterable[PathLike] = ()) -> Path:
+    """The checks :func:`save_image` makes before writing, for commands to run before any slow work.
+
+    Raises:
+        UserError: unknown extension, a protected destination (an input), or a destination that is a folder.
+    """
+    dest = Path(path)
+    if dest.suffix.lower() not in _SAVE_FORMATS:
+        known = ", ".join(sorted(_SAVE_FORMATS))
+        raise UserError(f"{dest}: unknown image extension {dest.suffix or '(none)'!r}; use one of {known}")
+    for guarded in protect:
+        if _same_file(dest, Path(guarded)):
+            raise UserError(f"{dest}: refusing to overwrite the input image {guarded}; choose another output path")
+    if dest.is_dir():
+        raise UserError(f"{dest}: is a folder; give an image file name")
+    return dest

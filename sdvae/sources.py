@@ -5,12 +5,15 @@
 :class:`ImageSource`: a fixed-order sequence whose ``load(i)`` decodes one image or raises
 :class:`UserError`. The order depends on the source alone (sorted relative paths, dataset row
 order), which the resumable sampling of :mod:`sdvae.data` relies on. Sources decode nothing up
-front and are picklable, so DataLoader workers can each hold a copy.
+front and are picklable, so DataLoader workers can each hold a copy. Dataset sources can also carry
+other columns (captions, labels: ``open_source(..., carry=None)`` and ``extras(i)``) for derived
+datasets such as ``sdvae encode-dataset``'s; training carries none.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +70,27 @@ class ImageSource(Sequence):
         """One line for the run log, e.g. ``image folder data/ (1,234 images)``."""
         raise NotImplementedError
 
+    # Carried columns: values that travel with each image (captions, labels) into derived datasets
+    # such as ``sdvae encode-dataset``'s output. Training ignores them.
+    carry: tuple[str, ...] = ()
+
+    def key(self, i: int) -> str:
+        """Stable identity of item ``i`` within the source (relative path, or the row index as a string)."""
+        return str(self._check(i))
+
+    def extras(self, i: int) -> dict[str, Any]:
+        """Values of the carried columns for item ``i`` (``{}`` when nothing is carried)."""
+        self._check(i)
+        return {}
+
+    def extra_features(self) -> Any:
+        """``datasets.Features`` of the carried columns (None when nothing is carried)."""
+        return None
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the item list changes (used to refuse resuming on other data)."""
+        return f"{type(self).__name__}:{len(self)}"
+
     def _check(self, i: int) -> int:
         if not 0 <= i < len(self):
             raise IndexError(f"{self.ref}: index {i} out of range for {len(self)} images")
@@ -107,8 +131,15 @@ class FolderSource(ImageSource):
     def name(self, i: int) -> str:
         return self.files[self._check(i)]
 
+    def key(self, i: int) -> str:
+        return self.files[self._check(i)]
+
     def describe(self) -> str:
         return f"image folder {self.ref} ({len(self):,} images)"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256("\n".join(self.files).encode()).hexdigest()[:16]
+        return f"folder:{len(self)}:{digest}"
 
 
 class DatasetSource(ImageSource):
@@ -118,12 +149,32 @@ class DatasetSource(ImageSource):
     a :class:`UserError` for that row only instead of an exception from inside ``datasets``.
     """
 
-    def __init__(self, dataset: Any, column: str, ref: str, kind: str):
+    def __init__(self, dataset: Any, column: str, ref: str, kind: str, carry: Sequence[str] | None = ()):
+        """
+        Args:
+            dataset: a ``datasets.Dataset``.
+            column: the image column.
+            ref, kind: for messages (``ref`` as the user wrote it, ``kind`` e.g. ``"parquet"``).
+            carry: other columns to carry through (:meth:`extras`); None: every other column.
+        """
         import datasets
 
         if column not in dataset.column_names:
             raise UserError(f"{ref}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
                             "set data.image_column")
+        others = [c for c in dataset.column_names if c != column]
+        carry = tuple(others if carry is None else carry)
+        missing = [c for c in carry if c not in others]
+        if missing:
+            raise UserError(f"{ref}: cannot carry column(s) {', '.join(map(repr, missing))} "
+                            f"(other columns: {', '.join(others) or 'none'})")
+        # Carried columns live in their own view: the image view never decodes/copies them.
+        self.carried = dataset.select_columns(list(carry)) if carry else None
+        if self.carried is not None:  # images in carried columns travel as stored bytes, never decoded
+            for name, feature in self.carried.features.items():
+                if isinstance(feature, datasets.Image):
+                    self.carried = self.carried.cast_column(name, datasets.Image(decode=False))
+        self.carry = carry
         dataset = dataset.select_columns([column])  # never decode/copy the other columns
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))  # metadata-only change
@@ -149,6 +200,17 @@ class DatasetSource(ImageSource):
 
     def describe(self) -> str:
         return f"{self.kind} {self.ref} ({len(self):,} images, column {self.column!r})"
+
+    def extras(self, i: int) -> dict[str, Any]:
+        return dict(self.carried[self._check(i)]) if self.carried is not None else {}
+
+    def extra_features(self) -> Any:
+        return self.carried.features if self.carried is not None else None
+
+    def fingerprint(self) -> str:
+        # datasets' fingerprint is derived from the data files (or save_to_disk state) and the
+        # column selection above, so it is stable across processes for the same data.
+        return f"dataset:{len(self)}:{self.dataset._fingerprint}"
 
 
 def _value_to_tensor(value: Any) -> torch.Tensor:
@@ -199,12 +261,13 @@ def _pick_split(obj: Any, ref: str, split: str) -> Any:
     return obj
 
 
-def _parquet_source(files: list[str], ref: str, column: str, cache_dir: str | None) -> DatasetSource:
+def _parquet_source(files: list[str], ref: str, column: str, cache_dir: str | None,
+                    carry: Sequence[str] | None = ()) -> DatasetSource:
     import datasets
 
     ds = _load_hf(lambda: datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir),
                   ref, "parquet data")
-    return DatasetSource(ds, column, ref, "parquet")
+    return DatasetSource(ds, column, ref, "parquet", carry)
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -214,7 +277,7 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def open_source(ref: str, image_column: str = "image", split: str = "train",
-                cache_dir: str | None = None) -> ImageSource:
+                cache_dir: str | None = None, carry: Sequence[str] | None = ()) -> ImageSource:
     """Open an image collection by reference.
 
     Args:
@@ -223,9 +286,11 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
             * a folder written by ``datasets``' ``save_to_disk`` (``Dataset`` or ``DatasetDict``),
             * a ``.parquet`` file, a glob of them (``data/*.parquet``), or a folder holding only parquet,
             * a Hugging Face Hub dataset name (needs network or the local datasets cache).
-        image_column: column holding the images (datasets/parquet only); other columns are ignored.
+        image_column: column holding the images (datasets/parquet only).
         split: split to use for hub datasets and ``DatasetDict`` folders (parquet files are one split).
         cache_dir: ``datasets`` cache folder for parquet/hub loading (None: the library default).
+        carry: other dataset columns to expose through ``extras(i)`` (captions, labels); None: all of
+            them; ``()`` (the default, training): none. Image folders have no columns: naming one is an error.
 
     Returns:
         An :class:`ImageSource` with at least one item.
@@ -241,40 +306,44 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
             raise UserError(f"{ref}: no files match this pattern")
         if not all(f.lower().endswith(".parquet") for f in files):
             raise UserError(f"{ref}: patterns are supported for .parquet files only (pass an image folder instead)")
-        source: ImageSource = _parquet_source(files, ref, image_column, cache_dir)
+        source: ImageSource = _parquet_source(files, ref, image_column, cache_dir, carry)
     else:
         path = Path(ref).expanduser()
         if path.is_dir():
-            source = _open_folder(path, ref, image_column, split, cache_dir)
+            source = _open_folder(path, ref, image_column, split, cache_dir, carry)
         elif path.is_file():
             if path.suffix.lower() != ".parquet":
                 raise UserError(f"{ref}: not a folder or a .parquet file")
-            source = _parquet_source([str(path)], ref, image_column, cache_dir)
+            source = _parquet_source([str(path)], ref, image_column, cache_dir, carry)
         elif _looks_like_path(ref):
             raise UserError(f"{ref}: no such file or folder")
         else:
-            source = _open_hub(ref, image_column, split, cache_dir)
+            source = _open_hub(ref, image_column, split, cache_dir, carry)
+    if carry and isinstance(source, FolderSource):
+        raise UserError(f"{ref}: an image folder has no columns to carry ({', '.join(carry)})")
     if len(source) == 0:
         raise UserError(f"{ref}: contains no images")
     return source
 
 
-def _open_folder(path: Path, ref: str, column: str, split: str, cache_dir: str | None) -> ImageSource:
+def _open_folder(path: Path, ref: str, column: str, split: str, cache_dir: str | None,
+                 carry: Sequence[str] | None = ()) -> ImageSource:
     if any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
         import datasets
 
         ds = _load_hf(lambda: datasets.load_from_disk(str(path)), ref, "saved dataset")
-        return DatasetSource(_pick_split(ds, ref, split), column, ref, "saved dataset")
+        return DatasetSource(_pick_split(ds, ref, split), column, ref, "saved dataset", carry)
     source = FolderSource(path)
     if len(source) == 0:
         parquet = sorted(str(p) for p in path.rglob("*.parquet"))
         if parquet:  # e.g. a downloaded hub snapshot: data/train-0000x.parquet
-            return _parquet_source(parquet, ref, column, cache_dir)
+            return _parquet_source(parquet, ref, column, cache_dir, carry)
         raise UserError(f"{ref}: no image files found (searched recursively)")
     return source
 
 
-def _open_hub(name: str, column: str, split: str, cache_dir: str | None) -> ImageSource:
+def _open_hub(name: str, column: str, split: str, cache_dir: str | None,
+              carry: Sequence[str] | None = ()) -> ImageSource:
     import datasets
 
     try:
@@ -284,4 +353,4 @@ def _open_hub(name: str, column: str, split: str, cache_dir: str | None) -> Imag
             f"{name}: not a local path, and hub dataset {name!r} (split {split!r}) could not be loaded "
             f"({type(err).__name__}: {_first_line(err)}); offline, pass a local image folder, "
             "save_to_disk folder or parquet file instead") from None
-    return DatasetSource(_pick_split(ds, name, split), column, name, "hub dataset")
+    return DatasetSource(_pick_split(ds, name, split), column, name, "hub dataset", carry)

@@ -130,6 +130,38 @@ def test_train_dataset_deterministic(tmp_path: Path):
     assert torch.equal(center[(0, 0)]["pixels"], src.load(0)[:, 16:48, 24:56])
 
 
+def test_mosaic_tiles_are_deterministic_crops_of_different_images(tmp_path: Path):
+    for i in range(6):
+        _save(tmp_path / "m" / f"{i}.png", 40, 36, seed=i)
+    src = open_source(str(tmp_path / "m"))
+    ds = TrainDataset(src, resolution=32, crop="center", flip=False, seed=1, mosaic=2)
+    item = ds[(0, 3)]
+    x = item["pixels"]
+    assert x.shape == (3, 32, 32) and item["index"] == 3
+    # Top-left tile is the keyed image's 16² center crop (40×36 → shorter side already >= 16).
+    assert torch.equal(x[:, :16, :16], src.load(3)[:, 10:26, 12:28])
+    tiles = [x[:, r:r + 16, c:c + 16] for r in (0, 16) for c in (0, 16)]
+    centers = [src.load(i)[:, 10:26, 12:28] for i in range(6)]
+    # Every tile is some image's crop, and the item is reproducible (any process, any worker).
+    assert all(any(torch.equal(t, c) for c in centers) for t in tiles)
+    again = TrainDataset(src, resolution=32, crop="center", flip=False, seed=1, mosaic=2)
+    assert torch.equal(x, again[(0, 3)]["pixels"])
+    assert not torch.equal(x, ds[(1, 3)]["pixels"])  # other partners next epoch
+    with pytest.raises(UserError, match=r"data\.mosaic=3 must be >= 1 and divide data\.resolution=32"):
+        TrainDataset(src, resolution=32, mosaic=3)
+
+
+def test_val_mosaic_groups_consecutive_images(tmp_path: Path):
+    for i in range(9):
+        _save(tmp_path / "v" / f"{i}.png", 20, 20, seed=i)
+    src = open_source(str(tmp_path / "v"))
+    val = ValDataset(src, resolution=32, indices=list(range(9)), mosaic=2)
+    assert len(val) == 2  # 9 images → two 2×2 mosaics, the 9th unused
+    x = val[1]["pixels"]
+    assert x.shape == (3, 32, 32)
+    assert torch.equal(x[:, 16:, 16:], src.load(7)[:, 2:18, 2:18])
+
+
 def test_small_images_upscaled_and_resize(tmp_path: Path):
     _save(tmp_path / "s" / "tiny.png", 20, 10)
     _save(tmp_path / "s" / "wide.png", 300, 100)

@@ -51,3 +51,82 @@ def test_latents_file_errors(tmp_path: Path) -> None:
         read_latents_file(junk)
     with pytest.raises(UserError, match=r"\.safetensors"):
         write_latents_file({}, {}, tmp_path / "x.pt")
+
+
+# --- latent datasets (sdvae encode-dataset outputs) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    from helpers import make_photo
+    from sdvae.encode_dataset import EncodeOptions, run_encode
+
+    root = tmp_path_factory.mktemp("latent_ds")
+    for i in range(6):
+        Image.fromarray(make_photo(40 + i, 36, seed=i)).save(root / f"{i}.png")
+    out = root.parent / f"{root.name}-out"
+    run_encode(EncodeOptions(src=str(root), out=str(out), model="test", resolution=32, shard_size=4, progress=False))
+    return out
+
+
+def test_latent_dataset_deterministic_samples(latent_dataset: Path) -> None:
+    from sdvae.latents import LatentDataset
+
+    a, b = LatentDataset(latent_dataset, seed=3), LatentDataset(latent_dataset, seed=3)
+    item = a[2]
+    assert item["latent"].shape == (4, 4, 4) and item["latent"].dtype == torch.float32
+    assert item["key"] == "2.png" and item["index"] == 2 and item["original_size"].tolist() == [36, 42]
+    assert torch.equal(item["latent"], b[2]["latent"])  # same (seed, epoch, index) → same draw
+    assert not torch.equal(item["latent"], LatentDataset(latent_dataset, seed=4)[2]["latent"])
+    b.set_epoch(1)
+    assert not torch.equal(item["latent"], b[2]["latent"])  # a new draw each epoch
+    # sample=False: the stored mean, whatever the seed
+    assert torch.equal(LatentDataset(latent_dataset, sample=False, seed=1)[2]["latent"],
+                       LatentDataset(latent_dataset, sample=False, seed=2)[2]["latent"])
+
+
+def test_latent_dataset_scaling_goes_through_scale_latents(latent_dataset: Path) -> None:
+    from sdvae.latents import LatentDataset, read_dataset_meta
+
+    meta = read_dataset_meta(latent_dataset)
+    raw = LatentDataset(latent_dataset, scaled=False, seed=1)
+    scaled = LatentDataset(latent_dataset, seed=1)
+    z = raw[4]["latent"]
+    torch.testing.assert_close(scaled[4]["latent"], scale_latents(z[None], meta["scaling"])[0])
+    custom = {"scaling_factor": 2.0, "shift_factor": 0.25}
+    torch.testing.assert_close(LatentDataset(latent_dataset, seed=1, scaling=custom)[4]["latent"], (z - 0.25) * 2.0)
+    mean, _ = LatentDataset(latent_dataset, scaled=False, sample=False).unscaled(4)
+    assert not torch.equal(mean, z)  # the sample differs from the mean, by about one posterior std
+    batch = next(iter(torch.utils.data.DataLoader(scaled, batch_size=4)))
+    assert batch["latent"].shape == (4, 4, 4, 4) and batch["crop_box"].shape == (4, 4)
+
+
+def test_latent_dataset_errors(tmp_path: Path) -> None:
+    from sdvae.latents import ENCODE_ARGS, LatentDataset
+
+    with pytest.raises(UserError, match="not an `sdvae encode-dataset` output"):
+        LatentDataset(tmp_path)
+    (tmp_path / ENCODE_ARGS).write_text("{}")
+    with pytest.raises(UserError, match="run the same command again"):
+        LatentDataset(tmp_path)
+
+
+@pytest.mark.parametrize("channels", [4, 16, 3, 1])
+def test_latent_preview_shape_and_range(channels: int) -> None:
+    from sdvae.latents import SD_LATENT_RGB, latent_preview, latent_rgb_matrix
+
+    z = torch.randn(2, channels, 5, 7) * 3
+    preview = latent_preview(z, upscale=8)
+    assert preview.shape == (2, 3, 40, 56) and preview.min() >= 0 and preview.max() <= 1
+    assert latent_preview(z[0]).shape == (1, 3, 5, 7)
+    matrix = latent_rgb_matrix(channels)
+    assert matrix.shape == (channels, 3)
+    if channels == 4:
+        assert torch.equal(matrix, torch.tensor(SD_LATENT_RGB))
+    else:  # fallback: unit-variance channels give colours of std 0.5
+        assert torch.allclose(matrix.pow(2).sum(0)[: min(channels, 3)], torch.tensor(0.25))
+    # It is a fixed linear map: zero latents are mid-grey, and the map does not depend on the data.
+    assert torch.allclose(latent_preview(torch.zeros(1, channels, 2, 2)), torch.tensor(0.5))
+    torch.testing.assert_close(latent_preview(z)[:, :, :1, :1], latent_preview(z[:, :, :1, :1]))

@@ -2,6 +2,7 @@
 
     python tools/bench.py tiling [--size 1024] [--big 2048]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.1]
+    python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
 
 Every figure that is compared is measured in the same run. Peak memory is always measured in a fresh
 subprocess (the ``_decode-child`` / ``_train-child`` subcommands), so one measurement's allocations
@@ -269,6 +270,105 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{r['peak_memory'] / ref['peak_memory']:.2f}x peak memory")
 
 
+def _write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
+    """``count`` photo-like JPEGs (smooth colour fields + grain), about size x 1.25·size, varied aspect."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        h, w = size + int(rng.integers(0, size // 4 + 1)), size + int(rng.integers(size // 8, size // 2 + 1))
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        phase = rng.uniform(0, 6, 3)
+        img = np.stack([np.sin(5 * xx + phase[0]), np.cos(4 * yy + phase[1]), np.sin(3 * (xx - yy) + phase[2])], -1)
+        img = (img * 0.5 + 0.5) + rng.normal(0, 0.03, img.shape)
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def _encode_cli(data: Path, out: Path, args: argparse.Namespace, processes: int) -> dict:
+    """Run ``sdvae encode-dataset`` in a fresh process group; images/s = all images / slowest rank's time."""
+    import os
+
+    launcher = [sys.executable, "-m", "sdvae.cli"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
+        "sdvae.cli"]
+    cmd = [*launcher, "encode-dataset", str(data), str(out), "--model", args.model, "--resolution",
+           str(args.resolution), "--batch-size", str(args.batch), "--num-workers", str(args.workers),
+           "--dtype", args.dtype, "--shard-size", str(args.shard_size), "--json", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    images = sum(r["encoded"] for r in ranks)
+    seconds = max(r["seconds"] for r in ranks)
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    """encode-dataset images/s vs a bare ``vae.encode`` loop over pre-loaded tensors (same run), and N processes."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from sdvae.encode_dataset import EncodeOptions, preprocess, run_encode
+    from sdvae.model import downsample_factor, load_vae, torch_dtype
+    from sdvae.sources import open_source
+
+    work = Path(tempfile.mkdtemp(prefix="sdvae-bench-encode-"))
+    try:
+        data = Path(args.data) if args.data else work / "images"
+        if not args.data:
+            _write_photos(data, args.images, args.resolution * 5 // 4)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        vae = load_vae(args.model).to(device, torch_dtype(args.dtype)).eval()
+        factor = downsample_factor(vae)
+        source = open_source(str(data))
+        pixels = [preprocess(source.load(i), args.resolution, "center", factor)[0] for i in range(len(source))]
+        batches = [torch.stack(pixels[i:i + args.batch]) for i in range(0, len(pixels), args.batch)]
+        print(f"model {args.model}, {len(source)} images ({source.describe()}), {args.resolution}² center crops, "
+              f"batch {args.batch}, {args.dtype}, {device}, torch threads {torch.get_num_threads()}, "
+              f"{args.workers} DataLoader worker(s)", flush=True)
+
+        def bare() -> float:
+            """A bare ``vae.encode`` loop over pre-loaded, pre-resized tensors: images/s."""
+            with torch.inference_mode():
+                vae.encode(batches[0].to(device, torch_dtype(args.dtype)))  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for batch in batches:
+                    vae.encode(batch.to(device, torch_dtype(args.dtype))).latent_dist.mean.cpu()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            return len(pixels) / (time.perf_counter() - start)
+
+        first = bare()
+        start = time.perf_counter()
+        summary = run_encode(EncodeOptions(src=str(data), out=str(work / "out"), model=args.model,
+                                           resolution=args.resolution, batch_size=args.batch, dtype=args.dtype,
+                                           num_workers=args.workers, shard_size=args.shard_size, progress=False))
+        wall = time.perf_counter() - start
+        second = bare()
+        reference = (first + second) / 2
+        job = summary["images_per_s"]
+        print(f"  bare vae.encode loop (pre-loaded tensors): {reference:8.1f} images/s "
+              f"(before {first:.1f}, after {second:.1f})")
+        print(f"  encode-dataset (decode+resize in workers, write shards): {job:8.1f} images/s "
+              f"({summary['encoded']} images in {summary['seconds']:.2f} s; {wall:.2f} s with start-up)")
+        print(f"  ratio encode-dataset / bare loop: {job / reference:.2f}x", flush=True)
+        if args.processes > 1:
+            one = _encode_cli(data, work / "p1", args, 1)
+            many = _encode_cli(data, work / f"p{args.processes}", args, args.processes)
+            print(f"  encode-dataset, 1 process: {one['images_per_s']:8.1f} images/s; {args.processes} processes "
+                  f"(torchrun): {many['images_per_s']:8.1f} images/s; speed-up "
+                  f"{many['images_per_s'] / one['images_per_s']:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -303,6 +403,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precisions", default="bf16" if not _cuda() else "bf16,fp16",
                    help="comma-separated mixed precisions of our step to measure (no, bf16, fp16)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="encode-dataset images/s vs a bare vae.encode loop; 1 vs N processes")
+    p.add_argument("--model", default="tiny", help="model reference (preset, folder, file)")
+    p.add_argument("--data", help="image folder to encode (default: generated JPEGs in a temp folder)")
+    p.add_argument("--images", type=int, default=256, help="number of generated images")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of encode-dataset")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--processes", type=int, default=1, help="also compare 1 vs N processes (torchrun)")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("_train-child", help=argparse.SUPPRESS)
     train_args(p)
