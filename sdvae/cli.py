@@ -1,4 +1,5 @@
-"""The ``sdvae`` command line: roundtrip, encode, decode, encode-dataset, latent-stats, convert, info.
+"""The ``sdvae`` command line: roundtrip, encode, decode, convert, info, sample, interpolate (here) and
+encode-dataset, latent-stats, eval (:mod:`sdvae.cli_datasets`).
 
 Every command turns bad input into one line on stderr and a non-zero exit code (see
 :class:`sdvae.errors.UserError`); heavy imports happen inside the commands so ``sdvae --help`` is fast.
@@ -14,65 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdvae.cli_args import (
+    EMBEDDED,
+    INPUT_NOTES,
+    MODEL_HELP,
+    add_runtime_args,
+    codec_from_args,
+    default_model,
+    default_output,
+    load_checked,
+)
+from sdvae.cli_datasets import cmd_encode_dataset, cmd_eval, cmd_latent_stats
 from sdvae.errors import UserError
 from sdvae.model import DTYPES, PRESETS
 
+__all__ = ["EMBEDDED", "build_parser", "default_model", "main"]
+
 EXIT_USER_ERROR = 2
-EMBEDDED = Path(__file__).resolve().parent.parent / "checkpoints" / "sdvae-tiny-f8c4"
 LATENTS_FORMAT = "sdvae-latents/1"
-
-MODEL_HELP = (
-    "model: a preset (" + ", ".join(PRESETS) + "), a diffusers folder, a single-file LDM/A1111 checkpoint "
-    "(.safetensors/.ckpt/.pt/.pth), or a Hugging Face Hub id. Default: the embedded checkpoint "
-    f"({EMBEDDED.name}) when present."
-)
-INPUT_NOTES = (
-    "Inputs: any format Pillow reads. Alpha is composited on white; grayscale, palette, CMYK and 16-bit "
-    "images are converted to 8-bit-range RGB; EXIF rotation is applied. Sides that are not multiples of "
-    "the downsampling factor are reflect-padded, then cropped back."
-)
-
-
-def default_model() -> str:
-    """The embedded checkpoint's path, or a UserError saying --model is needed."""
-    if (EMBEDDED / "config.json").is_file():
-        return str(EMBEDDED)
-    raise UserError(f"no embedded checkpoint at {EMBEDDED}; pass --model REF (e.g. --model tiny, a folder or a file)")
-
-
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
-                   help="exact tiled encode/decode with bounded memory (auto: on for large images)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="compute precision (fp16/bf16 fall back to fp32 on non-finite output)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-
-
-def _codec(args: argparse.Namespace):
-    import torch
-
-    from sdvae.codec import Codec
-    from sdvae.model import load_vae
-
-    ref = args.model or default_model()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
-    return ref, Codec(load_vae(ref), device=device, dtype=args.dtype, tile=args.tile)
-
-
-def _load_checked(path: str, factor: int, tile: str):
-    from sdvae.images import check_min_size, load_image
-
-    img = load_image(path, allow_huge=(tile == "on"))
-    check_min_size(img.size, factor, path)
-    return img
-
-
-def _default_output(path: Path, suffix: str) -> Path:
-    return path.with_name(f"{path.stem}.{suffix}.png")
-
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
     import torch
@@ -81,9 +41,9 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     from sdvae.metrics import psnr, quantize, ssim
 
     src = Path(args.image)
-    ref, codec = _codec(args)
-    img = _load_checked(args.image, codec.factor, args.tile)
-    out = Path(args.output) if args.output else _default_output(src, "recon")
+    ref, codec = codec_from_args(args)
+    img = load_checked(args.image, codec.factor, args.tile)
+    out = Path(args.output) if args.output else default_output(src, "recon")
     compare = out.with_name(f"{out.stem}.compare.png")
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -123,10 +83,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from sdvae.latents import write_latents_file
     from sdvae.model import config_dict, config_hash
 
-    ref, codec = _codec(args)
+    ref, codec = codec_from_args(args)
     tensors, entries = {}, []
     for i, path in enumerate(args.images):
-        img = _load_checked(path, codec.factor, args.tile)
+        img = load_checked(path, codec.factor, args.tile)
         enc = codec.encode(img.tensor)
         key = f"{i:05d}"
         tensors[f"{key}.mean"] = enc.mean[0].contiguous()
@@ -156,7 +116,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from sdvae.model import config_hash
 
     if Path(args.latents).is_dir():
-        return _decode_dataset_rows(args)
+        from sdvae.cli_datasets import decode_dataset_rows
+
+        return decode_dataset_rows(args)
     if args.row or args.preview:
         raise UserError(f"{args.latents}: --row/--preview apply to an encode-dataset folder, not a latents file")
     tensors, meta = read_latents_file(args.latents)
@@ -164,7 +126,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise UserError(f"{args.latents}: not an sdvae latents file (made by `sdvae encode`)")
     if not args.model:
         args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
-    ref, codec = _codec(args)
+    ref, codec = codec_from_args(args)
     if config_hash(codec.master) != meta["config_hash"]:
         raise UserError(f"{args.latents}: latents were made by a model with config hash {meta['config_hash']}, "
                         f"but {ref} has {config_hash(codec.master)}; pass the matching --model")
@@ -179,107 +141,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
         dest = out_dir / f"{Path(entry['path']).stem}.{key}.png"
         save_image(to_pil(images), dest, protect=[Path(entry["path"])])
         print(dest)
-    return 0
-
-
-def _decode_dataset_rows(args: argparse.Namespace) -> int:
-    """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
-    from sdvae.encode_dataset import latent_space_hash
-    from sdvae.figures import save_image, to_pil
-    from sdvae.latents import LatentDataset, latent_preview, read_dataset_meta, scale_latents
-    from sdvae.model import config_dict
-
-    meta = read_dataset_meta(args.latents)
-    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[])
-    rows = args.row or [0]
-    bad = [r for r in rows if not 0 <= r < len(data)]
-    if bad:
-        raise UserError(f"{args.latents}: no row {bad[0]} (the dataset has {len(data)} rows)")
-    codec = None
-    if not args.preview_only:
-        if not args.model:
-            args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
-        ref, codec = _codec(args)
-        # Unscaled latents depend on the architecture and weights, not on the scaling keys (which
-        # `latent-stats --write-config` may have changed since), so those are left out of the check.
-        if latent_space_hash(config_dict(codec.master)) != meta["arch_hash"]:
-            raise UserError(f"{args.latents}: latents were made by {meta['model']} (config hash "
-                            f"{meta['config_hash']}), whose architecture differs from {ref}'s; "
-                            "pass the matching --model")
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        z, _ = data.unscaled(row)
-        stem = f"row-{row:06d}"
-        if codec is not None:
-            dest = out_dir / f"{stem}.png"
-            save_image(to_pil(codec.decode(z[None])), dest)
-            print(dest)
-        if args.preview or args.preview_only:
-            preview = latent_preview(scale_latents(z[None], meta["scaling"]), upscale=meta["downsampling_factor"])
-            dest = out_dir / f"{stem}.preview.png"
-            save_image(to_pil(preview * 2 - 1), dest)
-            print(dest)
-    return 0
-
-
-def cmd_encode_dataset(args: argparse.Namespace) -> int:
-    from sdvae.encode_dataset import EncodeOptions, run_encode
-
-    carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
-    opts = EncodeOptions(
-        src=args.src, out=args.out, model=args.model or default_model(), resolution=args.resolution, crop=args.crop,
-        batch_size=args.batch_size, dtype=args.dtype, store=args.store, num_workers=args.num_workers,
-        shard_size=args.shard_size, image_column=args.image_column, split=args.split, carry=carry, seed=args.seed,
-        device=args.device, progress=not args.no_progress)
-    summary = run_encode(opts)
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    for note in summary["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    who = f"rank {summary['rank']}/{summary['world_size']}: " if summary["world_size"] > 1 else ""
-    print(f"{who}encoded {summary['encoded']:,} image(s) ({summary['unreadable']} unreadable) in "
-          f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
-          f"{summary['shards_encoded']} shard(s) written, {summary['shards_done_before']} already done")
-    if summary["complete"]:
-        skipped = Path(args.out) / "skipped.txt"
-        print(f"complete: {summary['rows']:,} rows in {args.out}"
-              + (f"; {summary['skipped']} unreadable input(s) listed in {skipped}" if summary["skipped"] else ""))
-    else:
-        print(f"{summary['shards_missing']} shard(s) still missing (other processes are on them, or were stopped: "
-              "run the same command again to finish)")
-    return 0
-
-
-def cmd_latent_stats(args: argparse.Namespace) -> int:
-    from sdvae.latent_stats import compute_latent_stats, write_scaling_config
-    from sdvae.latents import read_dataset_meta
-
-    stats = compute_latent_stats(args.dataset, over=args.over)
-    written = None
-    if args.write_config:
-        written = write_scaling_config(args.write_config, stats, per_channel=args.per_channel)
-    if args.json:
-        result = stats.to_dict()
-        if written:
-            result["written"] = {"config": str(written[0]), **written[1]}
-        print(json.dumps(result))
-        return 0
-    what = {"posterior": "posterior (means + exp(logvar))", "mean": "posterior means", "sample": "stored samples"}
-    print(f"{args.dataset}: {stats.rows:,} rows, {len(stats.channel_mean)} channels x "
-          f"{stats.values_per_channel:,} values, over the {what[stats.over]}")
-    print(f"{'channel':>8} {'mean':>12} {'std':>12}")
-    for c, (m, sd) in enumerate(zip(stats.channel_mean, stats.channel_std, strict=True)):
-        print(f"{c:>8} {m:>12.6f} {sd:>12.6f}")
-    print(f"{'all':>8} {stats.mean:>12.6f} {stats.std:>12.6f}")
-    print(f"recommended: scaling_factor = 1/std = {stats.scaling_factor:.6f}, shift_factor = mean = "
-          f"{stats.shift_factor:.6f}")
-    used = read_dataset_meta(args.dataset)["scaling"]
-    print(f"in force at encode time: scaling_factor {used['scaling_factor']}, shift_factor {used['shift_factor']}"
-          + (", latents_mean/latents_std set" if used.get("latents_mean") is not None else ""))
-    if written:
-        print(f"wrote {', '.join(written[1])} to {written[0]}")
     return 0
 
 
@@ -306,44 +167,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from sdvae.evaluate import EvalSettings, evaluate_source, markdown_table, report_json, summary_lines, write_report
-    from sdvae.sources import open_source
-
-    if args.sigma == "auto":
-        sigma = None
-    else:
-        try:
-            sigma = float(args.sigma)
-        except ValueError:
-            raise UserError(f"--sigma must be 'auto' or a number (e.g. 0.05), got {args.sigma!r}") from None
-    settings = EvalSettings(
-        resolution=None if args.full else args.resolution, center_crop=args.center_crop,
-        batch_size=args.batch_size, limit=args.limit, iw_samples=args.iw, sigma=sigma, seed=args.seed,
-        lpips=not args.no_lpips, lpips_net=args.lpips_net, lpips_weights=args.lpips_weights or "",
-        fid=not args.no_fid, inception_weights=args.inception_weights or "", workers=args.workers)
-    settings.check()
-    if args.json and args.json != "-" and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json}: is a folder; give a file name")
-    try:
-        source = open_source(args.data, image_column=args.image_column, split=args.split)
-    except UserError as err:  # open_source's hints name the training config keys
-        raise UserError(str(err).replace("set data.split", "pass --split")
-                        .replace("set data.image_column", "pass --image-column")) from None
-    ref, codec = _codec(args)
-    report = evaluate_source(codec, source, settings, model_ref=ref)
-    if args.json == "-":
-        print(report_json(report))
-        return 0
-    print("\n".join(summary_lines(report)))
-    if args.markdown:
-        print()
-        print(markdown_table(report))
-    if args.json:
-        print(f"wrote {write_report(report, args.json)}")
-    return 0
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import math
 
@@ -353,7 +176,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output_path(args.output)
     if args.nrow is not None and args.nrow < 1:
         raise UserError(f"--nrow must be at least 1, got {args.nrow}")
-    ref, codec = _codec(args)
+    ref, codec = codec_from_args(args)
     images = sample_images(codec, args.n, (args.size, args.size), temperature=args.temperature, seed=args.seed,
                            space=args.space, batch_size=args.batch_size)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
@@ -373,9 +196,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     check_output_path(args.output, protect=inputs)
     if args.n < 2:
         raise UserError(f"-n must be at least 2 (the two endpoints), got {args.n}")
-    ref, codec = _codec(args)
-    img_a = _load_checked(args.image_a, codec.factor, args.tile)
-    img_b = _load_checked(args.image_b, codec.factor, args.tile)
+    ref, codec = codec_from_args(args)
+    img_a = load_checked(args.image_a, codec.factor, args.tile)
+    img_b = load_checked(args.image_b, codec.factor, args.tile)
     notes = [f"{inputs[0].name}: {n}" for n in img_a.notes] + [f"{inputs[1].name}: {n}" for n in img_b.notes]
     tensor_b = img_b.tensor
     if img_b.size != img_a.size:
@@ -406,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_roundtrip)
 
     p = sub.add_parser("encode", help="encode images to a latents .safetensors file",
@@ -414,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model's config hash and the original sizes. " + INPUT_NOTES)
     p.add_argument("images", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decode a latents file (`sdvae encode`) or rows of an encode-dataset output",
@@ -428,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row", type=int, action="append", help="dataset row to decode (repeatable; default 0)")
     p.add_argument("--preview", action="store_true", help="also write a decoder-free latent preview per row")
     p.add_argument("--preview-only", action="store_true", help="write only the previews (no model needed)")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser(
@@ -527,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the exact protocol as JSON ('-': stdout)")
     p.add_argument("--markdown", action="store_true", help="also print a model-card style markdown table row")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -546,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (sample i is the same for any -n)")
     p.add_argument("--nrow", type=int, default=None, help="samples per row (default ceil(sqrt(n)))")
     p.add_argument("--batch-size", type=int, default=8, help="latents decoded per model call (default 8)")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -560,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=8, help="points per path, endpoints included (default 8)")
     p.add_argument("-o", "--output", required=True, help="strip image path (.png, .jpg, .webp...)")
     p.add_argument("--batch-size", type=int, default=8, help="latents decoded per model call (default 8)")
-    _add_runtime_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_interpolate)
     return parser
 

@@ -245,11 +245,11 @@ class LatentDataset(TorchDataset):
         dtype, shape = self.meta["dtype"], row["shape"]
         stored = self._latents[i]
         if self.sample:
-            from sdvae.data import _generator
+            from sdvae.sampler import seeded_generator
 
             mean = stored_to_tensor(stored["mean"], dtype, shape)
             logvar = stored_to_tensor(stored["logvar"], dtype, shape)
-            eps = torch.randn(mean.shape, generator=_generator(self.seed, "latent", self.epoch, row["index"]))
+            eps = torch.randn(mean.shape, generator=seeded_generator(self.seed, "latent", self.epoch, row["index"]))
             z = mean + torch.exp(0.5 * logvar) * eps
         else:
             z = stored_to_tensor(next(iter(stored.values())), dtype, shape)

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from helpers import make_photo
 from sdvae.config import DataConfig
 from sdvae.data import (
-    ResumableSampler,
     SkipLog,
     SkipLoggingLoader,
     TrainDataset,
@@ -25,6 +24,7 @@ from sdvae.data import (
     split_validation,
 )
 from sdvae.errors import UserError
+from sdvae.sampler import ResumableSampler
 from sdvae.sources import open_source
 
 

@@ -19,11 +19,11 @@ from PIL import Image
 from helpers import make_photo
 from sdvae.cli import main
 from sdvae.codec import Codec
-from sdvae.data import _generator
 from sdvae.encode_dataset import DELAY_ENV, EncodeOptions, preprocess, run_encode
 from sdvae.errors import UserError
 from sdvae.latents import LatentDataset, read_dataset_meta, stored_to_tensor
 from sdvae.model import build_preset
+from sdvae.sampler import seeded_generator
 from sdvae.sources import open_source
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_store_and_dtype(images: Path, tmp_path: Path, store: str, dtype: str) -
     for row, base in zip(loaded, _rows(ref), strict=True):
         mean, logvar = _latent(base, "mean"), _latent(base, "logvar")
         if store == "sample":  # one draw seeded by (seed, input index)
-            eps = torch.randn(mean.shape, generator=_generator(5, "encode-sample", row["index"]))
+            eps = torch.randn(mean.shape, generator=seeded_generator(5, "encode-sample", row["index"]))
             expected = {"latent": mean + torch.exp(0.5 * logvar) * eps}
         else:
             expected = {"mean": mean, "logvar": logvar} if store == "mean_logvar" else {"latent": mean}

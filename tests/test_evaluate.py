@@ -23,7 +23,8 @@ from sdvae.elbo import (
     summarize_bounds,
 )
 from sdvae.errors import UserError
-from sdvae.evaluate import EvalSettings, evaluate_source, markdown_table, preprocess, report_json, summary_lines
+from sdvae.eval_report import markdown_table, report_json, summary_lines
+from sdvae.evaluate import EvalSettings, evaluate_source, preprocess
 from sdvae.explore import interpolate_images, interpolation_latents, prior_latents, sample_images, slerp
 from sdvae.figures import image_grid, labelled_rows
 from sdvae.latents import unscale_latents
