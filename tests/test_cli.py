@@ -56,14 +56,30 @@ def test_roundtrip_never_overwrites_input(photo: Path) -> None:
     assert photo.read_bytes() == before
 
 
-def test_roundtrip_without_model_says_so(photo: Path, tmp_path: Path) -> None:
-    from sdvae.cli import EMBEDDED
+def test_default_model_without_embedded_checkpoint_says_pass_model(monkeypatch, tmp_path: Path) -> None:
+    from sdvae import cli_args
+    from sdvae.errors import UserError
 
-    if (EMBEDDED / "config.json").is_file():
-        pytest.skip("the embedded checkpoint is present")
-    proc = run_cli("roundtrip", str(photo))
-    assert proc.returncode != 0 and "--model" in proc.stderr
-    _no_traceback(proc)
+    monkeypatch.setattr(cli_args, "EMBEDDED", tmp_path / "no-checkpoint")
+    with pytest.raises(UserError, match="pass --model"):
+        cli_args.default_model()
+
+
+def test_embedded_checkpoint_ships_within_budget_and_is_the_default(photo: Path, tmp_path: Path) -> None:
+    from sdvae.cli import EMBEDDED, default_model
+
+    weights = EMBEDDED / "diffusion_pytorch_model.safetensors"
+    assert (EMBEDDED / "config.json").is_file() and weights.is_file(), f"{EMBEDDED} is missing"
+    assert sum(f.stat().st_size for f in EMBEDDED.iterdir()) <= 20 * 1024**2
+    assert default_model() == str(EMBEDDED)
+    psnrs = {}
+    for name, extra in (("embedded", []), ("untrained", ["--model", "tiny"])):  # same architecture, random init
+        proc = run_cli("roundtrip", str(photo), "-o", str(tmp_path / f"{name}.png"), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["latent_shape"][0] == 4
+        psnrs[name] = result["psnr"]
+    assert psnrs["embedded"] > psnrs["untrained"] + 3, psnrs  # trained weights, not a preset's random init
 
 
 def _bad_inputs(tmp: Path) -> dict[str, Path]:
