@@ -28,9 +28,10 @@ class EMA:
         """Move the average one step towards ``model``'s current weights."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+        state = model.state_dict()
+        current = [state[k].detach().float() for k in self.shadow]
+        # One fused multi-tensor kernel instead of a Python loop over ~100 tensors (every step).
+        torch._foreach_lerp_(list(self.shadow.values()), current, 1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

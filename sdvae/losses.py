@@ -197,11 +197,13 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def lpips_distance(model: nn.Module, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Per-image LPIPS distance, differentiable w.r.t. ``recon``, computed in fp32 outside autocast.
+    """Per-image LPIPS distance, differentiable w.r.t. ``recon`` (``lpips.LPIPS.forward``, split by precision).
 
-    fp32 because ``lpips.normalize_tensor`` divides by ``sqrt(Σ f²) + 1e-10``: in fp16 the sum of
+    The backbone (VGG/AlexNet/SqueezeNet features: nearly all of LPIPS' cost, more than the tiny
+    VAE's own at 64²) runs under the caller's autocast, so bf16 training speeds it up too. The rest
+    runs in fp32: ``lpips.normalize_tensor`` divides by ``sqrt(Σ f²) + 1e-10``, and in fp16 the sum of
     squares over up to 512 channels can overflow and the epsilon underflows to 0 (0/0 = NaN on dead
-    ReLU pixels). The VAE still runs under autocast; only this small term is upcast.
+    ReLU pixels). Without autocast this equals ``model(images, recon)`` (LPIPS v0.1, not spatial).
 
     Args:
         model: from :func:`sdvae.perceptual.build_lpips`.
@@ -210,8 +212,16 @@ def lpips_distance(model: nn.Module, images: torch.Tensor, recon: torch.Tensor) 
     Returns:
         (B,) fp32 distances.
     """
+    import lpips
+
+    feats0 = model.net(model.scaling_layer(images.float()))
+    feats1 = model.net(model.scaling_layer(recon.float()))
     with torch.autocast(device_type=recon.device.type, enabled=False):
-        return model(images.float(), recon.float()).flatten()
+        total = torch.zeros((), device=recon.device)
+        for k, (f0, f1) in enumerate(zip(feats0, feats1, strict=True)):
+            diff = (lpips.normalize_tensor(f0.float()) - lpips.normalize_tensor(f1.float())) ** 2
+            total = total + model.lins[k](diff).mean(dim=(2, 3), keepdim=True)  # lpips.spatial_average
+        return total.flatten()
 
 
 # --------------------------------------------------------------------------------------------------

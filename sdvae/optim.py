@@ -29,6 +29,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: OptimC
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` with the configured betas/weight decay, and its LambdaLR schedule."""
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
     return opt, sched

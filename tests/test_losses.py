@@ -473,3 +473,21 @@ def test_ddp_training_steps_keep_ranks_in_sync(tmp_path):
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
     assert float(out.read_text()) == 0.0
+
+
+def test_lpips_distance_matches_the_package_and_runs_its_backbone_under_autocast(lpips_net) -> None:
+    images = _images(3)
+    recon = (images + 0.3 * _images(4)).clamp(-1, 1).requires_grad_(True)
+    # Outside autocast: exactly lpips.LPIPS.forward.
+    assert torch.equal(lpips_distance(lpips_net, images, recon), lpips_net(images, recon).flatten())
+    # Under bf16 autocast the backbone runs in bf16 (that is the speed-up) and the result stays close,
+    # fp32 and differentiable.
+    convs = []
+    hook = lpips_net.net.slice1[0].register_forward_hook(lambda m, i, o: convs.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = lpips_distance(lpips_net, images, recon)
+    hook.remove()
+    assert convs == [torch.bfloat16, torch.bfloat16] and d.dtype == torch.float32
+    torch.testing.assert_close(d, lpips_net(images, recon).flatten().detach(), rtol=0.05, atol=1e-3)
+    (grad,) = torch.autograd.grad(d.sum(), recon)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
