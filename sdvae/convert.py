@@ -59,25 +59,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
     """VAE tensors (prefix removed) of a .ckpt/.pt/.pth/.bin file, read with weights_only=True (no code runs)."""
-    import pickle
-
     import torch
 
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol chatter is not for our users
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:
         # torch's restricted unpickler refuses classes/functions ("Unsupported global: GLOBAL x.y")
         # and opcodes it does not allow ("Unsupported operand N"); loading such a file would need
-        # weights_only=False, i.e. running code from the file. Anything else is plain corruption.
+        # weights_only=False, i.e. running code from the file. Anything else (truncated zip, not a
+        # pickle at all, I/O errors) is plain corruption.
         found = re.search(r"Unsupported global: GLOBAL ([^\s]+)|Unsupported operand \d+", str(err))
         if found:
             what = found.group(1) or found.group(0)
             raise UserError(f"{path}: refused: loading it needs unsafe unpickling ({what}); only tensor checkpoints "
                             "that torch.load(weights_only=True) accepts are read") from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
-    except Exception as err:  # truncated zip, not a pickle at all, I/O errors
         raise UserError(f"{path}: not a readable PyTorch checkpoint "
                         f"({type(err).__name__}: {_first_line(err)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

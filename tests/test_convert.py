@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -238,8 +240,12 @@ def test_pickle_with_code_is_refused_not_run(plain_vae: AutoencoderKL, tmp_path:
         load_vae(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()
-    torch.load(path, weights_only=False)  # the payload is real: unsafe loading would have run it
-    assert marker.exists()
+    # The payload is real: the file's pickle calls _leave_marker on load (read as opcodes, never run).
+    with zipfile.ZipFile(path) as archive:
+        pkl = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(pkl)]
+    assert any(name == "GLOBAL" and str(arg).endswith(" _leave_marker") for name, arg in ops)
+    assert any(name == "REDUCE" for name, _ in ops)
 
 
 def _truncated(tmp: Path, vae: AutoencoderKL, suffix: str) -> Path:
