@@ -41,6 +41,9 @@ class DataConfig:
     crop: Literal["random", "center"] = "random"
     flip: bool = True
     mosaic: int = 1  # m > 1: train on m×m grids of (resolution/m)² crops of different images (see TrainDataset)
+    # Non-empty: each training item draws its grid side from this list (repeats weight it), e.g.
+    # [1, 2, 4, 4]; small images are upscaled to the tile side. Validation keeps `mosaic`.
+    mosaic_grids: tuple[int, ...] = ()
     val_count: int = 8  # held-out images (a validation item is a mosaic of m² of them)
     num_workers: int = 2
 
@@ -124,6 +127,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{where}: expected a list, got {value!r}")
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))

@@ -106,11 +106,18 @@ class TrainDataset(Dataset):
     do not hold on large ones: ours, trained on 64² crops, reconstructed 64² tiles of Kodak at 23 dB
     but whole 768×512 images at 16 dB, with a colour cast. Mosaics of small images give large
     training images with a realistic share of border.
+
+    Mixed grids (``mosaic_grids``, e.g. ``(1, 2, 4, 4)``): each item draws its grid side g from the
+    list, so some items are one image upscaled to R×R and some 2×2 grids of upscaled images. Mosaics
+    of many small images all have a near-neutral average colour; a photo at full resolution (Kodak's
+    red door, kodim02) is dominated by one colour, and the mosaic-trained decoder pulled such images
+    towards grey (a +38/255 green error on kodim02). Single-image items teach whole-image statistics.
     """
 
     def __init__(self, source: ImageSource, resolution: int, resize: int = 0,
                  crop: Literal["random", "center"] = "random", flip: bool = True, seed: int = 0,
-                 indices: Sequence[int] | None = None, max_retries: int = 8, mosaic: int = 1):
+                 indices: Sequence[int] | None = None, max_retries: int = 8, mosaic: int = 1,
+                 mosaic_grids: Sequence[int] = ()):
         """
         Args:
             source: where images come from.
@@ -123,19 +130,30 @@ class TrainDataset(Dataset):
             indices: source indices used for training (None: all).
             max_retries: replacement attempts for an unreadable image before the item is dropped.
             mosaic: m: each item is an m×m grid of (R/m)² crops of different images (1: plain crops).
+            mosaic_grids: if non-empty, each item's grid side is drawn from this list instead
+                (uniformly over entries; a repeated entry is drawn more often).
         """
         if resolution <= 0:
             raise UserError(f"data.resolution must be positive, got {resolution}")
         _check_mosaic(resolution, mosaic)
+        for g in mosaic_grids:
+            _check_mosaic(resolution, g, "data.mosaic_grids entry")
         if crop not in ("random", "center"):
             raise UserError(f"data.crop must be 'random' or 'center', got {crop!r}")
         self.source, self.resolution, self.resize = source, resolution, resize
         self.crop, self.flip, self.seed, self.max_retries = crop, flip, seed, max_retries
         self.indices = list(range(len(source))) if indices is None else list(indices)
-        self.mosaic = mosaic
+        self.mosaic, self.mosaic_grids = mosaic, tuple(mosaic_grids)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def grid(self, epoch: int, k: int) -> int:
+        """Grid side of item (epoch, k): ``mosaic``, or a deterministic draw from ``mosaic_grids``."""
+        if not self.mosaic_grids:
+            return self.mosaic
+        pick = seeded_generator(self.seed, "grid", epoch, k)
+        return self.mosaic_grids[int(torch.randint(len(self.mosaic_grids), (1,), generator=pick))]
 
     def augment(self, image: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
         """Resize/crop/flip one image.
@@ -169,7 +187,7 @@ class TrainDataset(Dataset):
             top-left tile for a mosaic), "skipped": [(name, message), ...] failures met on the way}``.
         """
         epoch, k = key if isinstance(key, tuple) else (0, key)
-        m = self.mosaic
+        m = self.grid(epoch, k)
         tile = self.resolution // m
         skipped: list[tuple[str, str]] = []
         tiles, first = [], self.indices[k]
@@ -243,9 +261,9 @@ class ValDataset(Dataset):
         return {"pixels": torch.cat(rows, dim=1).contiguous(), "index": self.indices[k * m * m], "skipped": []}
 
 
-def _check_mosaic(resolution: int, mosaic: int) -> None:
-    if mosaic < 1 or resolution % mosaic:
-        raise UserError(f"data.mosaic={mosaic} must be >= 1 and divide data.resolution={resolution}")
+def _check_mosaic(resolution: int, mosaic: int, what: str = "data.mosaic") -> None:
+    if not isinstance(mosaic, int) or mosaic < 1 or resolution % mosaic:
+        raise UserError(f"{what}={mosaic} must be >= 1 and divide data.resolution={resolution}")
 
 
 def split_validation(num_items: int, val_count: int, seed: int = VAL_SPLIT_SEED) -> tuple[list[int], list[int]]:
@@ -397,7 +415,7 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
         val_desc = f"{cfg.val_count} held out of train"
 
     train_ds = TrainDataset(train_source, cfg.resolution, cfg.resize, cfg.crop, cfg.flip, seed, train_idx,
-                            mosaic=cfg.mosaic)
+                            mosaic=cfg.mosaic, mosaic_grids=cfg.mosaic_grids)
     # Stream mode (no dropped tail): every image is used equally and tiny datasets still work.
     sampler = ResumableSampler(len(train_ds), batch_size, seed, rank, world_size, drop_last=False,
                                start_step=start_step)

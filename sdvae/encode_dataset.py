@@ -272,7 +272,8 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     """Encode this process's share of the pending shards; complete the dataset if this is the last process.
 
     Returns:
-        A summary: ``rank``, ``world_size``, ``encoded`` (images this process read), ``unreadable``,
+        A summary: ``rank``, ``world_size``, ``encoded`` (images this process encoded), ``unreadable``
+            (inputs it could not read; ``images_per_s`` counts both, as both were read),
         ``seconds``, ``images_per_s``, ``shards_total``, ``shards_done_before``, ``shards_encoded``,
         ``complete``, and when complete ``rows``/``skipped`` (whole dataset), ``out``.
 
@@ -348,7 +349,8 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         writer.shutdown()
     bar.close()
     seconds = time.perf_counter() - start
-    summary.update(seconds=round(seconds, 3), images_per_s=round(summary["encoded"] / seconds, 2) if seconds else 0.0,
+    read = summary["encoded"] + summary["unreadable"]
+    summary.update(seconds=round(seconds, 3), images_per_s=round(read / seconds, 2) if seconds else 0.0,
                    notes=list(codec.notes), out=str(out))
     final = finalize(out, identity, features, meta)
     summary["complete"] = final is not None
@@ -378,7 +380,7 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
                 summary["unreadable"] += 1
             else:
                 rows[k].append(item)
-        summary["encoded"] += len(items)
+                summary["encoded"] += 1
         left[k] -= 1
         if left[k] == 0:  # the shard is complete
             writing.append(writer.submit(_write_finished_shard, out, k, rows.pop(k), skipped.pop(k), features))

@@ -30,11 +30,12 @@ def test_overrides_are_typed_and_nested(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("loss:\n  kl_weight: 1e-6\noptim:\n  betas: [0.5, 0.9]\n")
     cfg = load_config(path, ["--loss.kl_weight=1e-4", "--train.steps", "7", "--optim.betas=[0.9, 0.99]",
-                             "--model.train_encoder=false"])
+                             "--model.train_encoder=false", "--data.mosaic_grids=[1, 2, 4, 4]"])
     assert cfg.loss.kl_weight == pytest.approx(1e-4) and isinstance(cfg.loss.kl_weight, float)
     assert cfg.train.steps == 7
     assert cfg.optim.betas == (0.9, 0.99)
     assert cfg.model.train_encoder is False
+    assert cfg.data.mosaic_grids == (1, 2, 4, 4)  # any-length list
     assert cfg.loss.recon == "l1"  # untouched defaults stay
 
 
@@ -44,6 +45,8 @@ def test_overrides_are_typed_and_nested(tmp_path: Path):
     (["--train.steps=ten"], "train.steps: expected int"),
     (["--loss.recon=l3"], "loss.recon: 'l3' is not one of"),
     (["--optim.betas=[0.9]"], "optim.betas: expected a list of 2"),
+    (["--data.mosaic_grids=4"], "data.mosaic_grids: expected a list"),
+    (["--data.mosaic_grids=[1, x]"], "data.mosaic_grids[1]: expected int"),
     (["steps=3"], "overrides look like --section.key=value"),
     (["--steps=3"], "overrides look like --section.key=value"),
 ])

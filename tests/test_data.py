@@ -21,6 +21,7 @@ from sdvae.data import (
     ValDataset,
     build_dataloaders,
     collate,
+    resize_shorter,
     split_validation,
 )
 from sdvae.errors import UserError
@@ -149,6 +150,28 @@ def test_mosaic_tiles_are_deterministic_crops_of_different_images(tmp_path: Path
     assert not torch.equal(x, ds[(1, 3)]["pixels"])  # other partners next epoch
     with pytest.raises(UserError, match=r"data\.mosaic=3 must be >= 1 and divide data\.resolution=32"):
         TrainDataset(src, resolution=32, mosaic=3)
+
+
+def test_mixed_mosaic_grids_draw_whole_images_and_grids_deterministically(tmp_path: Path):
+    for i in range(6):
+        _save(tmp_path / "g" / f"{i}.png", 16, 16, seed=i)
+    src = open_source(str(tmp_path / "g"))
+    ds = TrainDataset(src, resolution=32, crop="center", flip=False, seed=1, mosaic=2, mosaic_grids=(1, 2))
+    grids = {k: ds.grid(0, k) for k in range(6)}
+    assert set(grids.values()) == {1, 2}  # both sides drawn over 6 items (fixed seed)
+    for k, g in grids.items():
+        x = ds[(0, k)]["pixels"]
+        assert x.shape == (3, 32, 32)
+        # g=1: the keyed 16² image upscaled to the whole 32² item; g=2: its 16² tile top-left.
+        expect = resize_shorter(src.load(k), 32) if g == 1 else src.load(k)
+        assert torch.equal(x[:, :32 // g, :32 // g], expect)
+    again = TrainDataset(src, resolution=32, crop="center", flip=False, seed=1, mosaic=2, mosaic_grids=(1, 2))
+    assert all(torch.equal(ds[(0, k)]["pixels"], again[(0, k)]["pixels"]) for k in range(6))
+    assert [ds.grid(e, 0) for e in range(8)] != [grids[0]] * 8  # redrawn each epoch
+    # Without the list every item keeps `mosaic`.
+    assert {TrainDataset(src, resolution=32, mosaic=2).grid(e, 0) for e in range(4)} == {2}
+    with pytest.raises(UserError, match=r"data\.mosaic_grids entry=3 must be >= 1 and divide data\.resolution=32"):
+        TrainDataset(src, resolution=32, mosaic_grids=(1, 3))
 
 
 def test_val_mosaic_groups_consecutive_images(tmp_path: Path):

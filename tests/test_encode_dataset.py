@@ -77,6 +77,7 @@ def test_folder_one_row_per_readable_input(images: Path, tmp_path: Path) -> None
     out = tmp_path / "out"
     summary = _encode(images, out)
     assert summary["complete"] and summary["rows"] == 10 and summary["skipped"] == 2
+    assert summary["encoded"] == 10 and summary["unreadable"] == 2  # this process's counts agree
     rows = _rows(out)
     source = open_source(str(images))
     readable = [i for i in range(len(source)) if source.name(i) not in ("broken.png", "sub/empty.jpg")]
@@ -212,7 +213,11 @@ def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path,
         LatentDataset(out)
     before = _shard_stats(out)
     summary = _encode(images, out)
-    assert summary["shards_encoded"] == 1 and summary["shards_done_before"] == 2 and summary["encoded"] == 4
+    assert summary["shards_encoded"] == 1 and summary["shards_done_before"] == 2
+    bad = out / "data" / "shard-00001.skipped.json"
+    unreadable = len(json.loads(bad.read_text())) if bad.exists() else 0
+    # The 4 inputs of that shard, split into rows and unreadable files.
+    assert summary["unreadable"] == unreadable and summary["encoded"] == 4 - unreadable
     after = _shard_stats(out)
     assert all(after[name] == stat for name, stat in before.items())  # finished shards untouched
     assert _rows(out) == full
