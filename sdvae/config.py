@@ -26,6 +26,8 @@ class ModelConfig:
     init: str = "tiny"  # any sdvae.model.load_vae reference: preset, folder, single file, hub id
     train_encoder: bool = True  # False: decoder-only fine-tuning (the sd-vae-ft-mse recipe)
     gradient_checkpointing: bool = False
+    # > 0: regroup every GroupNorm of `init` to this many groups before training (sdvae.model.regroup_norms)
+    norm_num_groups: int = 0
 
 
 @dataclass
@@ -44,6 +46,9 @@ class DataConfig:
     # Non-empty: each training item draws its grid side from this list (repeats weight it), e.g.
     # [1, 2, 4, 4]; small images are upscaled to the tile side. Validation keeps `mosaic`.
     mosaic_grids: tuple[int, ...] = ()
+    # Probability that a training item gets one random colour cast over all its pixels (saturation ×
+    # [0.5, 2], per-channel offset ±0.4, see TrainDataset): teaches images dominated by one colour.
+    color_cast: float = 0.0
     val_count: int = 8  # held-out images (a validation item is a mosaic of m² of them)
     num_workers: int = 2
 

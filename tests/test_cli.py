@@ -72,6 +72,11 @@ def test_embedded_checkpoint_ships_within_budget_and_is_the_default(photo: Path,
     assert (EMBEDDED / "config.json").is_file() and weights.is_file(), f"{EMBEDDED} is missing"
     assert sum(f.stat().st_size for f in EMBEDDED.iterdir()) <= 20 * 1024**2
     assert default_model() == str(EMBEDDED)
+    from sdvae.model import PRESETS
+
+    shipped = json.loads((EMBEDDED / "config.json").read_text())
+    arch = {k: v for k, v in PRESETS["tiny"].config.items() if k not in ("scaling_factor", "sample_size")}
+    assert {k: shipped[k] for k in arch} == arch  # the `tiny` preset is the embedded checkpoint's architecture
     psnrs = {}
     for name, extra in (("embedded", []), ("untrained", ["--model", "tiny"])):  # same architecture, random init
         proc = run_cli("roundtrip", str(photo), "-o", str(tmp_path / f"{name}.png"), "--json", *extra)

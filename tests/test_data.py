@@ -174,6 +174,30 @@ def test_mixed_mosaic_grids_draw_whole_images_and_grids_deterministically(tmp_pa
         TrainDataset(src, resolution=32, mosaic_grids=(1, 3))
 
 
+def test_color_cast_shifts_whole_items_deterministically_and_only_when_drawn(tmp_path: Path):
+    for i in range(8):
+        _save(tmp_path / "c" / f"{i}.png", 16, 16, seed=i)
+    src = open_source(str(tmp_path / "c"))
+    plain = TrainDataset(src, resolution=16, crop="center", flip=False, seed=2)
+    half = TrainDataset(src, resolution=16, crop="center", flip=False, seed=2, color_cast=0.5)
+    always = TrainDataset(src, resolution=16, crop="center", flip=False, seed=2, color_cast=1.0)
+    changed = []
+    for k in range(8):
+        x, y, z = plain[(0, k)]["pixels"], half[(0, k)]["pixels"], always[(0, k)]["pixels"]
+        assert torch.equal(x, src.load(k))  # color_cast=0 leaves items as they were
+        assert z.shape == x.shape and z.min() >= -1 and z.max() <= 1
+        # A cast moves the item's mean colour (offsets up to ±0.4) and is the same transform each time.
+        assert not torch.allclose(z.mean((1, 2)), x.mean((1, 2)), atol=1e-3)
+        assert torch.equal(z, always[(0, k)]["pixels"])
+        changed.append(not torch.equal(y, x))
+        if changed[-1]:  # p=0.5 draws the same cast as p=1 for the items it picks
+            assert torch.equal(y, z)
+    assert 0 < sum(changed) < 8  # p=0.5 casts some items and not others (fixed seed)
+    assert not torch.equal(always[(1, 0)]["pixels"], always[(0, 0)]["pixels"])  # redrawn each epoch
+    with pytest.raises(UserError, match=r"data\.color_cast must be a probability in \[0, 1\], got 1\.5"):
+        TrainDataset(src, resolution=16, color_cast=1.5)
+
+
 def test_val_mosaic_groups_consecutive_images(tmp_path: Path):
     for i in range(9):
         _save(tmp_path / "v" / f"{i}.png", 20, 20, seed=i)

@@ -14,7 +14,16 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdvae.errors import UserError
-from sdvae.model import PRESETS, build_preset, config_hash, describe, downsample_factor, load_vae, save_diffusers
+from sdvae.model import (
+    PRESETS,
+    build_preset,
+    config_hash,
+    describe,
+    downsample_factor,
+    load_vae,
+    regroup_norms,
+    save_diffusers,
+)
 
 
 def _outputs(vae: AutoencoderKL, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +53,28 @@ def test_preset_config_and_seeded_init(name: str) -> None:
     assert facts["downsampling_factor"] == 2 ** (len(cfg["block_out_channels"]) - 1) == downsample_factor(a)
     assert facts["parameters"]["total"] == sum(p.numel() for p in a.parameters())
     assert facts["parameters"]["encoder"] + facts["parameters"]["decoder"] == facts["parameters"]["total"]
+
+
+def test_regroup_norms_keeps_weights_and_changes_only_the_grouping(test_vae: AutoencoderKL) -> None:
+    """Same tensors, new group count everywhere, a different function; the source model is untouched."""
+    before = {k: v.clone() for k, v in test_vae.state_dict().items()}
+    out = regroup_norms(test_vae, 2)
+    assert out.config.norm_num_groups == 2 and test_vae.config.norm_num_groups == 4
+    norms = [m for m in out.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 2 for m in norms)
+    assert out.state_dict().keys() == before.keys()
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in before.items())
+    # Equal to a plain diffusers model of that config carrying the weights (an independent oracle).
+    oracle = AutoencoderKL(**{**test_vae.config, "norm_num_groups": 2}).eval()
+    oracle.load_state_dict(before)
+    ours, theirs = _outputs(out.eval()), _outputs(oracle)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert not torch.allclose(ours[1], _outputs(test_vae)[1])  # grouping changes what the net computes
+    with torch.no_grad():
+        next(out.parameters()).add_(1.0)
+    assert all(torch.equal(test_vae.state_dict()[k], v) for k, v in before.items())  # no shared storage
+    with pytest.raises(UserError, match=r"norm_num_groups=3 must be positive and divide every block width"):
+        regroup_norms(test_vae, 3)
 
 
 def test_sd_family_scaling_constants() -> None:

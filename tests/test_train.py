@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,16 +109,23 @@ def test_two_processes_match_one_process(images: Path, tmp_path: Path) -> None:
 
 def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path) -> None:
     """train_encoder=false leaves encoder + quant_conv bit-identical and trains the decoder (here with
-    gradient checkpointing and accumulation on); validation writes its comparison grid."""
+    gradient checkpointing, accumulation and regrouped norms on); validation writes its comparison
+    grid; tools/export_checkpoint.py rebuilds the regrouped architecture."""
     from sdvae.model import build_preset
 
     out = tmp_path / "ft"
     _run(_cmd(images, out, "--train.steps=4", "--train.checkpoint_every=4", "--train.val_every=2",
-              "--model.train_encoder=false", "--model.gradient_checkpointing=true", "--train.grad_accum=2"))
+              "--model.train_encoder=false", "--model.gradient_checkpointing=true", "--train.grad_accum=2",
+              "--model.norm_num_groups=2"))
     init = build_preset("test").state_dict()
     final = _final(out)
     frozen = [k for k in init if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(final[k], init[k]) for k in frozen)
     assert any(not torch.equal(final[k], init[k]) for k in init if k.startswith("decoder."))
+    assert json.loads((out / "final" / "config.json").read_text())["norm_num_groups"] == 2  # the preset has 4
+    _run([str(REPO / "tools" / "export_checkpoint.py"), str(out), str(tmp_path / "exported")])
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["norm_num_groups"] == 2
+    exported = load_file(tmp_path / "exported" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the step-4 checkpoint's EMA = final
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-00000002.png", "step-00000004.png"]
     assert list((out / "tensorboard").iterdir())

@@ -55,7 +55,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # same initial weights (discriminator, learned logvar) on every rank
 
     # --- model, losses, optimizers -------------------------------------------------------------
-    vae = load_vae(cfg.model.init).train()
+    vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups).train()
     vae.requires_grad_(True)
     if not cfg.model.train_encoder:
         vae.encoder.requires_grad_(False)
