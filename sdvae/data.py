@@ -193,7 +193,7 @@ class TrainDataset(Dataset):
         if not apply:
             return pixels
         luma = (pixels * _LUMA.view(3, 1, 1)).sum(0, keepdim=True)
-        return (luma + saturation * (pixels - luma) + offset.view(3, 1, 1)).clamp(-1.0, 1.0).contiguous()
+        return (luma + saturation * (pixels - luma) + offset.view(3, 1, 1)).clamp(-1.0, 1.0)
 
     def augment(self, image: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
         """Resize/crop/flip one image.

@@ -204,7 +204,7 @@ def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,
         UserError: the reference cannot be resolved or loaded; the message names it.
     """
     vae = _load(ref, preset_scaling)
-    return regroup_norms(vae, norm_num_groups).eval() if norm_num_groups else vae
+    return regroup_norms(vae, norm_num_groups) if norm_num_groups else vae
 
 
 def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> AutoencoderKL:
@@ -233,8 +233,6 @@ def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> Autoencode
 
 
 def _load_single_file(path: Path, preset_scaling: str | None) -> AutoencoderKL:
-    import torch
-    from diffusers import AutoencoderKL
 
     from sdvae.convert import read_single_file
 
@@ -249,10 +247,18 @@ def _load_single_file(path: Path, preset_scaling: str | None) -> AutoencoderKL:
         for key in ("scaling_factor", "shift_factor", "force_upcast", "sample_size"):
             if key in PRESETS[scaling_from].config:
                 config[key] = PRESETS[scaling_from].config[key]
+    return _with_weights(config, state_dict).float().eval()
+
+
+def _with_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> AutoencoderKL:
+    """An AutoencoderKL of ``config`` holding exactly ``state_dict``'s tensors (no random init first)."""
+    import torch
+    from diffusers import AutoencoderKL
+
     with torch.device("meta"):
         vae = AutoencoderKL(**config)
     vae.load_state_dict(state_dict, strict=True, assign=True)
-    return vae.float().eval()
+    return vae
 
 
 def regroup_norms(vae: AutoencoderKL, groups: int) -> AutoencoderKL:
@@ -271,16 +277,11 @@ def regroup_norms(vae: AutoencoderKL, groups: int) -> AutoencoderKL:
     Raises:
         UserError: ``groups`` does not divide every entry of ``block_out_channels``.
     """
-    import torch
-    from diffusers import AutoencoderKL
-
     widths = list(vae.config.block_out_channels)
     if groups <= 0 or any(w % groups for w in widths):
         raise UserError(f"norm_num_groups={groups} must be positive and divide every block width {widths}")
-    with torch.device("meta"):
-        out = AutoencoderKL(**{**config_dict(vae), "norm_num_groups": groups})
-    out.load_state_dict({k: v.clone() for k, v in vae.state_dict().items()}, strict=True, assign=True)
-    return out.to(next(vae.parameters()).dtype).train(vae.training)
+    weights = {k: v.clone() for k, v in vae.state_dict().items()}  # clones: training `out` leaves `vae` as it is
+    return _with_weights({**config_dict(vae), "norm_num_groups": groups}, weights).train(vae.training)
 
 
 def config_dict(vae: AutoencoderKL) -> dict[str, Any]:
