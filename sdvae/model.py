@@ -233,7 +233,6 @@ def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> Autoencode
 
 
 def _load_single_file(path: Path, preset_scaling: str | None) -> AutoencoderKL:
-
     from sdvae.convert import read_single_file
 
     config, state_dict = read_single_file(path)
