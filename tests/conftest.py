@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def test_vae():
     """The micro `test` preset (seeded, with mid-block attention)."""
-    from sdvae.model import build_preset
+    from sdvae.model.build import build_preset
 
     return build_preset("test")
 

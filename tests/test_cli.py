@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import make_photo, run_cli
-from sdvae.metrics import psnr, ssim
+from sdvae.metrics.pixel import psnr, ssim
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_roundtrip_never_overwrites_input(photo: Path) -> None:
 
 
 def test_default_model_without_embedded_checkpoint_says_pass_model(monkeypatch, tmp_path: Path) -> None:
-    from sdvae import cli_args
+    from sdvae.cli import options as cli_args
     from sdvae.errors import UserError
 
     monkeypatch.setattr(cli_args, "EMBEDDED", tmp_path / "no-checkpoint")
@@ -66,13 +66,13 @@ def test_default_model_without_embedded_checkpoint_says_pass_model(monkeypatch, 
 
 
 def test_embedded_checkpoint_ships_within_budget_and_is_the_default(photo: Path, tmp_path: Path) -> None:
-    from sdvae.cli import EMBEDDED, default_model
+    from sdvae.cli.options import EMBEDDED, default_model
 
     weights = EMBEDDED / "diffusion_pytorch_model.safetensors"
     assert (EMBEDDED / "config.json").is_file() and weights.is_file(), f"{EMBEDDED} is missing"
     assert sum(f.stat().st_size for f in EMBEDDED.iterdir()) <= 20 * 1024**2
     assert default_model() == str(EMBEDDED)
-    from sdvae.model import PRESETS
+    from sdvae.model.presets import PRESETS
 
     shipped = json.loads((EMBEDDED / "config.json").read_text())
     arch = {k: v for k, v in PRESETS["tiny"].config.items() if k not in ("scaling_factor", "sample_size")}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdvae.codec import Codec
-from sdvae.model import build_preset
+from sdvae.codec.codec import Codec
+from sdvae.model.build import build_preset
 
 
 def test_any_size_roundtrip_crops_back_and_matches_diffusers(test_vae) -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sdvae.config import OptimConfig, RunConfig, dump_config, load_config
-from sdvae.ema import EMA
 from sdvae.errors import UserError
-from sdvae.optim import build_optimizer, lr_factor
+from sdvae.train.config import OptimConfig, RunConfig, dump_config, load_config
+from sdvae.train.ema import EMA
+from sdvae.train.optim import build_optimizer, lr_factor
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

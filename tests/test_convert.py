@@ -1,4 +1,4 @@
-"""Weight formats: the diffusers ⇄ LDM key map (sdvae.ldm_keys), single-file reading, write_ldm and convert()."""
+"""Weight formats: the diffusers ⇄ LDM key map (sdvae.model.ldm_keys), single-file reading, write_ldm and convert()."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdvae.convert import convert, read_single_file, write_ldm
 from sdvae.errors import UserError
-from sdvae.ldm_keys import diffusers_to_ldm, infer_config_from_ldm, ldm_to_diffusers
-from sdvae.model import PRESETS, build_preset, load_vae, save_diffusers
+from sdvae.model.build import build_preset
+from sdvae.model.convert import convert
+from sdvae.model.ldm_keys import diffusers_to_ldm, infer_config_from_ldm, ldm_to_diffusers
+from sdvae.model.load import load_vae
+from sdvae.model.presets import PRESETS
+from sdvae.model.save import save_diffusers, write_ldm
+from sdvae.model.single_file import read_single_file
 
 ARCH_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels",
              "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")

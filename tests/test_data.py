@@ -1,4 +1,4 @@
-"""sdvae.data / sdvae.sources: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
+"""sdvae.train.datasets / sdvae.images.sources: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
 
 from __future__ import annotations
 
@@ -13,20 +13,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from helpers import make_photo
-from sdvae.config import DataConfig
-from sdvae.data import (
-    SkipLog,
-    SkipLoggingLoader,
-    TrainDataset,
-    ValDataset,
-    build_dataloaders,
-    collate,
-    resize_shorter,
-    split_validation,
-)
 from sdvae.errors import UserError
-from sdvae.sampler import ResumableSampler
-from sdvae.sources import open_source
+from sdvae.images.resize import resize_shorter
+from sdvae.images.sources import open_source
+from sdvae.train.config import DataConfig
+from sdvae.train.datasets import TrainDataset, ValDataset
+from sdvae.train.loaders import SkipLog, SkipLoggingLoader, build_dataloaders, collate, split_validation
+from sdvae.train.sampler import ResumableSampler
 
 
 def _save(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:

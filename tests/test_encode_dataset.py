@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 from helpers import make_photo
-from sdvae.cli import main
-from sdvae.codec import Codec
-from sdvae.encode_dataset import DELAY_ENV, EncodeOptions, preprocess, run_encode
+from sdvae.cli.main import main
+from sdvae.codec.codec import Codec
 from sdvae.errors import UserError
-from sdvae.latents import LatentDataset, read_dataset_meta, stored_to_tensor
-from sdvae.model import build_preset
-from sdvae.sampler import seeded_generator
-from sdvae.sources import open_source
+from sdvae.images.sources import open_source
+from sdvae.latents.dataset import LatentDataset
+from sdvae.latents.export import DELAY_ENV, EncodeOptions, preprocess, run_encode
+from sdvae.latents.format import read_dataset_meta, stored_to_tensor
+from sdvae.model.build import build_preset
+from sdvae.seeding import seeded_generator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -285,8 +286,9 @@ def test_two_processes_match_one(images: Path, tmp_path: Path) -> None:
 
 
 def test_latent_stats_exact_and_write_config(images: Path, tmp_path: Path, capsys) -> None:
-    from sdvae.latent_stats import compute_latent_stats
-    from sdvae.model import load_vae, save_diffusers
+    from sdvae.latents.stats import compute_latent_stats
+    from sdvae.model.load import load_vae
+    from sdvae.model.save import save_diffusers
 
     out = tmp_path / "out"
     _encode(images, out, resolution=0)  # --crop none: rows of different shapes

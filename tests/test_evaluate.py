@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from helpers import make_photo, run_cli
-from sdvae.codec import Codec
-from sdvae.elbo import (
+from sdvae.codec.codec import Codec
+from sdvae.errors import UserError
+from sdvae.eval.elbo import (
     SIGMA_GRID,
     BoundTerms,
     bound_terms,
@@ -22,15 +23,15 @@ from sdvae.elbo import (
     log_likelihood_per_image,
     summarize_bounds,
 )
-from sdvae.errors import UserError
-from sdvae.eval_report import markdown_table, report_json, summary_lines
-from sdvae.evaluate import EvalSettings, evaluate_source, preprocess
-from sdvae.explore import interpolate_images, interpolation_latents, prior_latents, sample_images, slerp
-from sdvae.figures import image_grid, labelled_rows
-from sdvae.latents import unscale_latents
-from sdvae.losses import kl_divergence, lpips_distance
-from sdvae.metrics import psnr, quantize, ssim
-from sdvae.sources import open_source
+from sdvae.eval.engine import EvalSettings, evaluate_source, preprocess
+from sdvae.eval.latent_space import interpolate_images, interpolation_latents, prior_latents, sample_images, slerp
+from sdvae.eval.report import markdown_table, report_json, summary_lines
+from sdvae.images.compose import image_grid, labelled_rows
+from sdvae.images.sources import open_source
+from sdvae.latents.scaling import unscale_latents
+from sdvae.metrics.lpips import lpips_distance
+from sdvae.metrics.pixel import psnr, quantize, ssim
+from sdvae.train.losses import kl_divergence
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # every 8-bit value on the [-1, 1] scale
 
@@ -265,7 +266,7 @@ def test_missing_lpips_and_inception_weights_are_reported_unavailable(codec, fol
 def test_lpips_with_local_backbone_weights(codec, folder, empty_hub, tmp_path):
     from torchvision.models import squeezenet1_1
 
-    from sdvae.perceptual import build_lpips
+    from sdvae.metrics.lpips import build_lpips
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)

@@ -1,4 +1,4 @@
-"""sdvae.images: every odd or broken input gives correct pixels or a one-line UserError naming the file.
+"""sdvae.images.load: every odd or broken input gives correct pixels or a one-line UserError naming the file.
 
 All inputs are generated here in tmp_path (no shipped data); everything runs in a few seconds.
 """
@@ -17,17 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sdvae import images
-from sdvae.codec import crop_to, pad_to_multiple
+from sdvae.codec.codec import crop_to, pad_to_multiple
 from sdvae.errors import UserError
-from sdvae.figures import save_image, side_by_side, to_pil
-from sdvae.images import (
-    LoadedImage,
-    check_min_size,
-    image_to_tensor,
-    is_image_file,
-    load_image,
-)
+from sdvae.images import load as images
+from sdvae.images.compose import side_by_side
+from sdvae.images.load import LoadedImage, check_min_size, image_to_tensor, is_image_file, load_image
+from sdvae.images.write import save_image, to_pil
 
 
 def _rgb_at(loaded: LoadedImage, y: int = 0, x: int = 0) -> list[float]:

@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from helpers import make_photo
-from sdvae.config import dump_config, load_config
 from sdvae.errors import UserError
+from sdvae.train.config import dump_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "kl_sweep.py"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sdvae.errors import UserError
-from sdvae.latents import read_latents_file, scale_latents, unscale_latents, write_latents_file
-from sdvae.model import PRESETS
+from sdvae.latents.file import read_latents_file, write_latents_file
+from sdvae.latents.scaling import scale_latents, unscale_latents
+from sdvae.model.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -61,7 +62,7 @@ def latent_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from PIL import Image
 
     from helpers import make_photo
-    from sdvae.encode_dataset import EncodeOptions, run_encode
+    from sdvae.latents.export import EncodeOptions, run_encode
 
     root = tmp_path_factory.mktemp("latent_ds")
     for i in range(6):
@@ -72,7 +73,7 @@ def latent_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_latent_dataset_deterministic_samples(latent_dataset: Path) -> None:
-    from sdvae.latents import LatentDataset
+    from sdvae.latents.dataset import LatentDataset
 
     a, b = LatentDataset(latent_dataset, seed=3), LatentDataset(latent_dataset, seed=3)
     item = a[2]
@@ -88,7 +89,8 @@ def test_latent_dataset_deterministic_samples(latent_dataset: Path) -> None:
 
 
 def test_latent_dataset_scaling_goes_through_scale_latents(latent_dataset: Path) -> None:
-    from sdvae.latents import LatentDataset, read_dataset_meta
+    from sdvae.latents.dataset import LatentDataset
+    from sdvae.latents.format import read_dataset_meta
 
     meta = read_dataset_meta(latent_dataset)
     raw = LatentDataset(latent_dataset, scaled=False, seed=1)
@@ -104,7 +106,8 @@ def test_latent_dataset_scaling_goes_through_scale_latents(latent_dataset: Path)
 
 
 def test_latent_dataset_errors(tmp_path: Path) -> None:
-    from sdvae.latents import ENCODE_ARGS, LatentDataset
+    from sdvae.latents.dataset import LatentDataset
+    from sdvae.latents.format import ENCODE_ARGS
 
     with pytest.raises(UserError, match="not an `sdvae encode-dataset` output"):
         LatentDataset(tmp_path)
@@ -115,7 +118,7 @@ def test_latent_dataset_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("channels", [4, 16, 3, 1])
 def test_latent_preview_shape_and_range(channels: int) -> None:
-    from sdvae.latents import SD_LATENT_RGB, latent_preview, latent_rgb_matrix
+    from sdvae.latents.preview import SD_LATENT_RGB, latent_preview, latent_rgb_matrix
 
     z = torch.randn(2, channels, 5, 7) * 3
     preview = latent_preview(z, upscale=8)

@@ -1,4 +1,4 @@
-"""sdvae.losses / sdvae.perceptual / sdvae.discriminator: every term's gradient path, KL math, adaptive GAN weight,
+"""sdvae.train.losses / sdvae.metrics.lpips / sdvae.train.discriminator: every term's gradient path, KL math, adaptive GAN weight,
 LPIPS weight resolution without network, mixed precision, and DDP.
 
 Fast and CPU-only: the micro `test` VAE on 32×32 images, LPIPS with random (squeezenet/alexnet)
@@ -18,19 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from sdvae.config import LossConfig
-from sdvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from sdvae.errors import UserError
-from sdvae.losses import (
-    VAELoss,
-    adaptive_weight,
-    bits_per_dim,
-    decoder_last_layer,
-    kl_divergence,
-    lpips_distance,
-)
-from sdvae.model import build_preset
-from sdvae.perceptual import build_lpips, lpips_backbone_cache_path
+from sdvae.metrics.lpips import build_lpips, lpips_backbone_cache_path, lpips_distance
+from sdvae.model.build import build_preset
+from sdvae.train.config import LossConfig
+from sdvae.train.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from sdvae.train.losses import VAELoss, adaptive_weight, bits_per_dim, kl_divergence
+from sdvae.train.modules import decoder_last_layer
 
 # Every term off; each test switches on what it examines.
 OFF = LossConfig(recon_weight=0.0, lpips_weight=0.0, kl_weight=0.0, disc_weight=0.0, disc_start=0, disc_layers=2)
@@ -367,7 +361,7 @@ def test_lpips_is_frozen_and_not_saved(tmp_path, lpips_net):
 
 
 def test_import_does_not_import_lpips():
-    code = "import sys, sdvae.losses; assert 'lpips' not in sys.modules"
+    code = "import sys, sdvae.train.losses; assert 'lpips' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

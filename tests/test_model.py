@@ -14,16 +14,11 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdvae.errors import UserError
-from sdvae.model import (
-    PRESETS,
-    build_preset,
-    config_hash,
-    describe,
-    downsample_factor,
-    load_vae,
-    regroup_norms,
-    save_diffusers,
-)
+from sdvae.model.build import build_preset, regroup_norms
+from sdvae.model.info import config_hash, describe, downsample_factor
+from sdvae.model.load import load_vae
+from sdvae.model.presets import PRESETS
+from sdvae.model.save import save_diffusers
 
 
 def _outputs(vae: AutoencoderKL, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +153,7 @@ def test_hub_id_loads_from_local_cache(test_vae: AutoencoderKL, tmp_path: Path) 
     save_diffusers(test_vae, snapshot / "vae")
     (tmp_path / "hub" / "models--someone--tiny-vae" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny-vae" / "refs" / "main").write_text("0" * 40)
-    code = ("import json,sys; from sdvae.model import load_vae, describe; "
+    code = ("import json,sys; from sdvae.model.load import load_vae; from sdvae.model.info import describe; "
             "print(json.dumps(describe(load_vae('someone/tiny-vae'))))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from sdvae import tiling
-from sdvae.tiling import TensorStore, should_tile, tiled_decode, tiled_encode
+from sdvae.codec import tiling
+from sdvae.codec.spill import TensorStore
+from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
 
 # (tile_bytes, disk_threshold): one tile per pass, in RAM; small 2-D tiles, every store on disk;
 # full-width bands, big stores on disk and small ones in RAM.

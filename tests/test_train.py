@@ -111,7 +111,7 @@ def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path)
     """train_encoder=false leaves encoder + quant_conv bit-identical and trains the decoder (here with
     gradient checkpointing, accumulation and regrouped norms on); validation writes its comparison
     grid; tools/export_checkpoint.py rebuilds the regrouped architecture."""
-    from sdvae.model import build_preset
+    from sdvae.model.build import build_preset
 
     out = tmp_path / "ft"
     _run(_cmd(images, out, "--train.steps=4", "--train.checkpoint_every=4", "--train.val_every=2",

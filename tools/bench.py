@@ -44,7 +44,7 @@ def _decode(vae, z, mode: str):
     """Decode (1,4,h,w) latents with 'untiled' | 'tiled' (ours) | 'diffusers' (enable_tiling)."""
     import torch
 
-    from sdvae.tiling import tiled_decode
+    from sdvae.codec.tiling import tiled_decode
 
     with torch.inference_mode():
         if mode == "tiled":
@@ -62,7 +62,7 @@ def cmd_decode_child(args: argparse.Namespace) -> None:
     """One decode in this (fresh) process; prints JSON {seconds, peak_rss} for the parent."""
     import torch
 
-    from sdvae.model import build_preset
+    from sdvae.model.build import build_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def _child(mode: str, size: int, preset: str) -> dict:
 
 def cmd_tiling(args: argparse.Namespace) -> None:
     """Exactness of our tiled decode vs untiled (and diffusers' tiling), then memory at a big size."""
-    from sdvae.model import build_preset
+    from sdvae.model.build import build_preset
 
     gib = 1024**3
     print(f"preset {args.preset} (seeded random weights), random N(0,1) latents; differences on the [0,1] scale")
@@ -148,11 +148,11 @@ def _our_train_step(vae, args, total_steps: int):
     import torch
     from accelerate import Accelerator
 
-    from sdvae.config import LossConfig, OptimConfig
-    from sdvae.ema import EMA
-    from sdvae.forward import VAEForward
-    from sdvae.losses import VAELoss
-    from sdvae.optim import build_optimizer
+    from sdvae.train.config import LossConfig, OptimConfig
+    from sdvae.train.ema import EMA
+    from sdvae.train.forward import VAEForward
+    from sdvae.train.losses import VAELoss
+    from sdvae.train.optim import build_optimizer
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
     loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,
@@ -185,7 +185,7 @@ def _reference_train_step(vae, args, total_steps: int):
     import torch
     import torch.nn.functional as F
 
-    from sdvae.perceptual import build_lpips
+    from sdvae.metrics.lpips import build_lpips
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
@@ -213,7 +213,8 @@ def cmd_train_child(args: argparse.Namespace) -> None:
     """Time one kind of training step in this (fresh) process; prints JSON for the parent."""
     import torch
 
-    from sdvae.model import build_preset, downsample_factor
+    from sdvae.model.build import build_preset
+    from sdvae.model.info import downsample_factor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -313,9 +314,11 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
     import torch
 
-    from sdvae.encode_dataset import EncodeOptions, preprocess, run_encode
-    from sdvae.model import downsample_factor, load_vae, torch_dtype
-    from sdvae.sources import open_source
+    from sdvae.images.sources import open_source
+    from sdvae.latents.export import EncodeOptions, preprocess, run_encode
+    from sdvae.model.dtypes import torch_dtype
+    from sdvae.model.info import downsample_factor
+    from sdvae.model.load import load_vae
 
     work = Path(tempfile.mkdtemp(prefix="sdvae-bench-encode-"))
     try:

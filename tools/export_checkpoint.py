@@ -15,11 +15,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from sdvae.checkpoint import latest_checkpoint
-from sdvae.config import load_config
-from sdvae.ema import EMA
 from sdvae.errors import UserError
-from sdvae.model import load_vae, save_diffusers
+from sdvae.model.load import load_vae
+from sdvae.model.save import save_diffusers
+from sdvae.train.checkpoint import latest_checkpoint
+from sdvae.train.config import load_config
+from sdvae.train.ema import EMA
 
 
 def main(argv: list[str] | None = None) -> int:

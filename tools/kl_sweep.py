@@ -6,9 +6,9 @@
 
 For each weight W (``--weights``, default 1e-6,1e-4,1e-2,1) this trains one VAE with
 ``tools/train.py CONFIG --loss.kl_weight=W --train.out=OUT/kl-W --data.train=DATA [overrides]`` in a
-subprocess, then evaluates ``OUT/kl-W/final`` with the library (:func:`sdvae.evaluate.evaluate_source`,
+subprocess, then evaluates ``OUT/kl-W/final`` with the library (:func:`sdvae.eval.engine.evaluate_source`,
 the measurement behind ``sdvae eval``) and decodes prior samples z ~ N(0, I) in the VAE's own latent
-space (:func:`sdvae.explore.sample_images` with ``space="vae"``: the prior the KL term pulls the
+space (:func:`sdvae.eval.latent_space.sample_images` with ``space="vae"``: the prior the KL term pulls the
 posteriors towards, so what it generates is the question the sweep asks). Into ``--docs`` it writes
 
 * ``kl_sweep.png``: PSNR (dB, left) and KL rate (bits/dim, log, right) against the weight (log);
@@ -18,7 +18,7 @@ posteriors towards, so what it generates is the question the sweep asks). Into `
 
 The rate is the closed-form KL(q(z|x) ‖ N(0, I)) of the ELBO report in bits per image subpixel (the
 training loss adds ``kl_weight`` times this KL in nats per subpixel to the per-subpixel MSE, see
-:mod:`sdvae.losses`). Resuming: a run whose ``final/`` exists is not trained again and a killed run
+:mod:`sdvae.train.losses`). Resuming: a run whose ``final/`` exists is not trained again and a killed run
 resumes from its checkpoints (``tools/train.py`` does that), so after an interruption run the same
 command again. The plot needs matplotlib (``pip install -e '.[docs]'``).
 """
@@ -40,8 +40,8 @@ from typing import Any
 import yaml
 
 from sdvae.atomic import atomic_file
-from sdvae.config import RunConfig, config_to_dict, load_config, parse_overrides
 from sdvae.errors import UserError
+from sdvae.train.config import RunConfig, config_to_dict, load_config, parse_overrides
 
 TOOLS = Path(__file__).resolve().parent
 TRAIN = TOOLS / "train.py"
@@ -203,7 +203,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def summary_row(weight: float, run: Path, report: dict[str, Any], train_metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures of one weight, taken from its :func:`~sdvae.evaluate.evaluate_source` report."""
+    """The figures of one weight, taken from its :func:`~sdvae.eval.engine.evaluate_source` report."""
     metrics, elbo = report["metrics"], report["metrics"]["elbo"]
     return {
         "kl_weight": weight, "label": weight_label(weight), "run": str(run),
@@ -282,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from sdvae.codec import Codec
-    from sdvae.eval_report import report_json
-    from sdvae.evaluate import EvalSettings, evaluate_source
-    from sdvae.explore import sample_images
-    from sdvae.figures import labelled_rows, save_image
-    from sdvae.model import downsample_factor, load_vae
-    from sdvae.sources import open_source
+    from sdvae.codec.codec import Codec
+    from sdvae.eval.engine import EvalSettings, evaluate_source
+    from sdvae.eval.latent_space import sample_images
+    from sdvae.eval.report import report_json
+    from sdvae.images.compose import labelled_rows
+    from sdvae.images.sources import open_source
+    from sdvae.images.write import save_image
+    from sdvae.model.info import downsample_factor
+    from sdvae.model.load import load_vae
 
     diffusers_logging.set_verbosity_error()  # as `sdvae`: its dtype/hub chatter would bury the sweep's progress
 

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the PNG")
     args = parser.parse_args(argv)
 
-    from sdvae.figures import save_image  # atomic write
+    from sdvae.images.write import save_image  # atomic write
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_testcard(), args.output)

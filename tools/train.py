@@ -5,8 +5,8 @@
     python tools/train.py configs/test.yaml --train.steps=20          # single process
     torchrun --nproc_per_node 2 tools/train.py configs/test.yaml      # CPU (gloo) works too
 
-One ``main(cfg)`` read top to bottom. Loss math is in ``sdvae.losses``, data in ``sdvae.data``,
-checkpoints in ``sdvae.checkpoint``. Properties this script keeps (each is tested):
+One ``main(cfg)`` read top to bottom. Loss math is in ``sdvae.train.losses``, data in ``sdvae.train.datasets``,
+checkpoints in ``sdvae.train.checkpoint``. Properties this script keeps (each is tested):
 the forward pass goes through the module ``accelerator.prepare`` returned (DDP + autocast), the
 trainable weights stay fp32 under mixed precision, the VAE and the discriminator both update on every
 optimizer step once the discriminator starts, the discriminator step never touches the VAE's
@@ -29,16 +29,18 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from sdvae.atomic import atomic_file
-from sdvae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sdvae.config import RunConfig, dump_config, load_config
-from sdvae.data import build_dataloaders
-from sdvae.ema import EMA
 from sdvae.errors import UserError
-from sdvae.evaluate import reconstruction_metrics, save_comparison_grid
-from sdvae.forward import VAEForward, posterior_noise
-from sdvae.losses import VAELoss
-from sdvae.model import downsample_factor, load_vae, save_diffusers
-from sdvae.optim import build_optimizer
+from sdvae.model.info import downsample_factor
+from sdvae.model.load import load_vae
+from sdvae.model.save import save_diffusers
+from sdvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sdvae.train.config import RunConfig, dump_config, load_config
+from sdvae.train.ema import EMA
+from sdvae.train.forward import VAEForward, posterior_noise
+from sdvae.train.loaders import build_dataloaders
+from sdvae.train.losses import VAELoss
+from sdvae.train.optim import build_optimizer
+from sdvae.train.validation import reconstruction_metrics, save_comparison_grid
 
 
 def main(cfg: RunConfig) -> dict[str, float]:

@@ -1,0 +1,116 @@
+"""``sdvae encode-dataset`` and ``sdvae latent-stats``, and ``decode --row`` of a latent dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sdvae.cli.options import codec_from_args, default_model
+from sdvae.errors import UserError
+from sdvae.model.presets import PRESETS
+
+
+def decode_dataset_rows(args: argparse.Namespace) -> int:
+    """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
+    from sdvae.images.write import save_image, to_pil
+    from sdvae.latents.dataset import LatentDataset
+    from sdvae.latents.export import latent_space_hash
+    from sdvae.latents.format import read_dataset_meta
+    from sdvae.latents.preview import latent_preview
+    from sdvae.latents.scaling import scale_latents
+    from sdvae.model.info import config_dict
+
+    meta = read_dataset_meta(args.latents)
+    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[])
+    rows = args.row or [0]
+    bad = [r for r in rows if not 0 <= r < len(data)]
+    if bad:
+        raise UserError(f"{args.latents}: no row {bad[0]} (the dataset has {len(data)} rows)")
+    codec = None
+    if not args.preview_only:
+        if not args.model:
+            args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
+        ref, codec = codec_from_args(args)
+        # Unscaled latents depend on the architecture and weights, not on the scaling keys (which
+        # `latent-stats --write-config` may have changed since), so those are left out of the check.
+        if latent_space_hash(config_dict(codec.master)) != meta["arch_hash"]:
+            raise UserError(f"{args.latents}: latents were made by {meta['model']} (config hash "
+                            f"{meta['config_hash']}), whose architecture differs from {ref}'s; "
+                            "pass the matching --model")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        z, _ = data.unscaled(row)
+        stem = f"row-{row:06d}"
+        if codec is not None:
+            dest = out_dir / f"{stem}.png"
+            save_image(to_pil(codec.decode(z[None])), dest)
+            print(dest)
+        if args.preview or args.preview_only:
+            preview = latent_preview(scale_latents(z[None], meta["scaling"]), upscale=meta["downsampling_factor"])
+            dest = out_dir / f"{stem}.preview.png"
+            save_image(to_pil(preview * 2 - 1), dest)
+            print(dest)
+    return 0
+
+
+def cmd_encode_dataset(args: argparse.Namespace) -> int:
+    from sdvae.latents.export import EncodeOptions, run_encode
+
+    carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
+    opts = EncodeOptions(
+        src=args.src, out=args.out, model=args.model or default_model(), resolution=args.resolution, crop=args.crop,
+        batch_size=args.batch_size, dtype=args.dtype, store=args.store, num_workers=args.num_workers,
+        shard_size=args.shard_size, image_column=args.image_column, split=args.split, carry=carry, seed=args.seed,
+        device=args.device, progress=not args.no_progress)
+    summary = run_encode(opts)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    who = f"rank {summary['rank']}/{summary['world_size']}: " if summary["world_size"] > 1 else ""
+    print(f"{who}encoded {summary['encoded']:,} image(s) ({summary['unreadable']} unreadable) in "
+          f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
+          f"{summary['shards_encoded']} shard(s) written, {summary['shards_done_before']} already done")
+    if summary["complete"]:
+        skipped = Path(args.out) / "skipped.txt"
+        print(f"complete: {summary['rows']:,} rows in {args.out}"
+              + (f"; {summary['skipped']} unreadable input(s) listed in {skipped}" if summary["skipped"] else ""))
+    else:
+        print(f"{summary['shards_missing']} shard(s) still missing (other processes are on them, or were stopped: "
+              "run the same command again to finish)")
+    return 0
+
+
+def cmd_latent_stats(args: argparse.Namespace) -> int:
+    from sdvae.latents.format import read_dataset_meta
+    from sdvae.latents.stats import compute_latent_stats, write_scaling_config
+
+    stats = compute_latent_stats(args.dataset, over=args.over)
+    written = None
+    if args.write_config:
+        written = write_scaling_config(args.write_config, stats, per_channel=args.per_channel)
+    if args.json:
+        result = stats.to_dict()
+        if written:
+            result["written"] = {"config": str(written[0]), **written[1]}
+        print(json.dumps(result))
+        return 0
+    what = {"posterior": "posterior (means + exp(logvar))", "mean": "posterior means", "sample": "stored samples"}
+    print(f"{args.dataset}: {stats.rows:,} rows, {len(stats.channel_mean)} channels x "
+          f"{stats.values_per_channel:,} values, over the {what[stats.over]}")
+    print(f"{'channel':>8} {'mean':>12} {'std':>12}")
+    for c, (m, sd) in enumerate(zip(stats.channel_mean, stats.channel_std, strict=True)):
+        print(f"{c:>8} {m:>12.6f} {sd:>12.6f}")
+    print(f"{'all':>8} {stats.mean:>12.6f} {stats.std:>12.6f}")
+    print(f"recommended: scaling_factor = 1/std = {stats.scaling_factor:.6f}, shift_factor = mean = "
+          f"{stats.shift_factor:.6f}")
+    used = read_dataset_meta(args.dataset)["scaling"]
+    print(f"in force at encode time: scaling_factor {used['scaling_factor']}, shift_factor {used['shift_factor']}"
+          + (", latents_mean/latents_std set" if used.get("latents_mean") is not None else ""))
+    if written:
+        print(f"wrote {', '.join(written[1])} to {written[0]}")
+    return 0

@@ -1,0 +1,80 @@
+"""``sdvae encode`` / ``sdvae decode``: images to a latents file and back, or rows of a latent dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdvae.cli.options import (
+    codec_from_args,
+    load_checked,
+)
+from sdvae.errors import UserError
+from sdvae.latents.file import LATENTS_FORMAT
+from sdvae.model.presets import PRESETS
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from sdvae.latents.file import write_latents_file
+    from sdvae.model.info import config_dict, config_hash
+
+    ref, codec = codec_from_args(args)
+    tensors, entries = {}, []
+    for i, path in enumerate(args.images):
+        img = load_checked(path, codec.factor, args.tile)
+        enc = codec.encode(img.tensor)
+        key = f"{i:05d}"
+        tensors[f"{key}.mean"] = enc.mean[0].contiguous()
+        tensors[f"{key}.logvar"] = enc.logvar[0].contiguous()
+        entries.append({"key": key, "path": str(path), "size": list(img.size), "notes": img.notes})
+    meta = {
+        "format": LATENTS_FORMAT,
+        "model": ref,
+        "config_hash": config_hash(codec.master),
+        "config": config_dict(codec.master),
+        "scaled": False,
+        "images": entries,
+    }
+    write_latents_file(tensors, meta, args.output)
+    for note in codec.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {len(entries)} latent(s) to {args.output}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdvae.codec.codec import Encoded
+    from sdvae.images.write import save_image, to_pil
+    from sdvae.latents.file import read_latents_file
+    from sdvae.model.info import config_hash
+
+    if Path(args.latents).is_dir():
+        from sdvae.cli.dataset import decode_dataset_rows
+
+        return decode_dataset_rows(args)
+    if args.row or args.preview:
+        raise UserError(f"{args.latents}: --row/--preview apply to an encode-dataset folder, not a latents file")
+    tensors, meta = read_latents_file(args.latents)
+    if meta.get("format") != LATENTS_FORMAT:
+        raise UserError(f"{args.latents}: not an sdvae latents file (made by `sdvae encode`)")
+    if not args.model:
+        args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
+    ref, codec = codec_from_args(args)
+    if config_hash(codec.master) != meta["config_hash"]:
+        raise UserError(f"{args.latents}: latents were made by a model with config hash {meta['config_hash']}, "
+                        f"but {ref} has {config_hash(codec.master)}; pass the matching --model")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    for entry in meta["images"]:
+        key = entry["key"]
+        width, height = entry["size"]
+        enc = Encoded(tensors[f"{key}.mean"][None], tensors[f"{key}.logvar"][None], (height, width))
+        images = codec.decode(enc.latents(args.sample, generator), enc.size)
+        dest = out_dir / f"{Path(entry['path']).stem}.{key}.png"
+        save_image(to_pil(images), dest, protect=[Path(entry["path"])])
+        print(dest)
+    return 0

@@ -1,0 +1,61 @@
+"""``sdvae roundtrip``: encode and decode one image, write it and a comparison, print PSNR/SSIM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sdvae.cli.options import (
+    codec_from_args,
+    default_output,
+    load_checked,
+)
+
+
+def cmd_roundtrip(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdvae.images.compose import side_by_side
+    from sdvae.images.write import save_image, to_pil
+    from sdvae.metrics.pixel import psnr, quantize, ssim
+
+    src = Path(args.image)
+    ref, codec = codec_from_args(args)
+    img = load_checked(args.image, codec.factor, args.tile)
+    out = Path(args.output) if args.output else default_output(src, "recon")
+    compare = out.with_name(f"{out.stem}.compare.png")
+    generator = torch.Generator().manual_seed(args.seed)
+
+    start = time.perf_counter()
+    recon, enc = codec.roundtrip(img.tensor, sample=args.sample, generator=generator)
+    seconds = time.perf_counter() - start
+
+    original, rec = quantize(img.tensor), quantize(recon)
+    result: dict[str, Any] = {
+        "input": str(src),
+        "model": ref,
+        "psnr": round(float(psnr(original, rec)[0]), 4),
+        "ssim": round(float(ssim(original, rec)[0]), 6),
+        "latent_shape": list(enc.mean.shape[1:]),
+        "image_size": [img.size[0], img.size[1]],
+        "output": str(out),
+        "comparison": str(compare),
+        "seconds": round(seconds, 3),
+        "sampled": bool(args.sample),
+        "notes": img.notes + codec.notes,
+    }
+    rec_pil = to_pil(recon)
+    save_image(rec_pil, out, protect=[src])
+    save_image(side_by_side(to_pil(img.tensor), rec_pil), compare, protect=[src])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for note in result["notes"]:
+            print(f"note: {note}")
+        c, h, w = result["latent_shape"]
+        print(f"{src.name}: {img.size[0]}x{img.size[1]} -> latent {c}x{h}x{w} -> {out}")
+        print(f"PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  {seconds:.2f} s  (comparison: {compare})")
+    return 0

@@ -1,0 +1,1 @@
+"""Encoding and decoding images of any size: the ``Codec`` and exact tiling."""

@@ -1,0 +1,198 @@
+"""Encode and decode images of any size with one model: padding, tiling, precision and device.
+
+This is the layer the CLI (and other tools) use instead of calling ``vae.encode``/``vae.decode``
+directly, so every command gets the same behaviour:
+
+* sides that are not multiples of the downsampling factor are reflect-padded, then cropped back;
+* large images go through :mod:`sdvae.codec.tiling` (exact: same output as untiled, bounded memory);
+* fp16/bf16 runs fall back to fp32 when they produce non-finite values (what ``force_upcast`` is
+  for), and say so in :attr:`Codec.notes`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
+from sdvae.model.dtypes import torch_dtype
+from sdvae.model.info import downsample_factor
+
+TILE_MODES = ("auto", "on", "off")
+
+
+def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the bottom and right of images so both sides are multiples of ``factor``.
+
+    Reflect padding (no hard edge for the convolutions to react to); a side shorter than or equal to its
+    padding cannot be reflected, so that side is replicate-padded instead.
+
+    Args:
+        x: (B,C,H,W) or (C,H,W) float tensor.
+        factor: the multiple, ≥ 1 (the model's downsampling factor).
+
+    Returns:
+        The padded tensor (..., ceil(H/f)*f, ceil(W/f)*f) (``x`` itself when nothing is needed) and the
+        original (H, W) for :func:`crop_to`.
+    """
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"pad_to_multiple expects (B,C,H,W) or (C,H,W), got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % factor, -width % factor
+    if pad_w:
+        x = F.pad(x, (0, pad_w, 0, 0), mode="reflect" if pad_w < width else "replicate")
+    if pad_h:
+        x = F.pad(x, (0, 0, 0, pad_h), mode="reflect" if pad_h < height else "replicate")
+    return x, (height, width)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple`: keep the top-left (H, W) of ``x`` (..., H', W') (a view)."""
+    height, width = size
+    if height > x.shape[-2] or width > x.shape[-1]:
+        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to a larger size {(height, width)}")
+    return x[..., :height, :width]
+
+
+@dataclass
+class Encoded:
+    """A diagonal Gaussian posterior q(z|x) for a batch of images.
+
+    Attributes:
+        mean: (B,C,h,w) unscaled latent mean.
+        logvar: (B,C,h,w) log-variance, clamped to [-30, 20] as diffusers does.
+        size: (H, W) of the images before padding, in pixels.
+    """
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    size: tuple[int, int]
+
+    def latents(self, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The posterior mean, or a reparameterized draw z = mean + exp(logvar/2)·ε.
+
+        Args:
+            sample: draw instead of returning the mean.
+            generator: CPU generator that makes the draw reproducible.
+
+        Returns:
+            (B,C,h,w) unscaled latents.
+        """
+        if not sample:
+            return self.mean
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32).to(self.mean)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+
+class Codec:
+    """A VAE ready to encode/decode on one device, at one precision, with one tiling policy.
+
+    The fp32 weights are kept as the master copy; a fp16/bf16 copy is made on demand, so falling
+    back to fp32 loses nothing.
+
+    Args:
+        vae: the model (any dtype; it is kept/cast to fp32 as master).
+        device: 'cpu' or 'cuda' (or any torch device string).
+        dtype: 'fp32' | 'fp16' | 'bf16' for the computation.
+        tile: 'auto' (tile above a size), 'on' or 'off'.
+    """
+
+    def __init__(self, vae: AutoencoderKL, *, device: str = "cpu", dtype: str = "fp32", tile: str = "auto"):
+        if tile not in TILE_MODES:
+            raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
+        self.dtype_name = dtype
+        self.tile = tile
+        self.master = vae.to(self.device, torch.float32).eval()
+        self.factor = downsample_factor(vae)
+        self.notes: list[str] = []
+        self._low: AutoencoderKL | None = None
+
+    @property
+    def config(self) -> dict:
+        """The model config (scaling factors etc.)."""
+        return self.master.config
+
+    def _model(self, dtype: torch.dtype) -> AutoencoderKL:
+        if dtype == torch.float32:
+            return self.master
+        if self._low is None:
+            self._low = copy.deepcopy(self.master).to(dtype)
+        return self._low
+
+    def _tiled(self, height: int, width: int) -> bool:
+        return self.tile == "on" or (self.tile == "auto" and should_tile(height, width))
+
+    @torch.inference_mode()
+    def _with_fallback(self, what: str, run) -> torch.Tensor:
+        out = run(self._model(self.dtype), self.dtype)
+        if self.dtype != torch.float32 and not torch.isfinite(out).all():
+            self.notes.append(f"{what} in {self.dtype_name} produced non-finite values; redone in fp32")
+            out = run(self.master, torch.float32)
+        return out.float()
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Encode images of any size.
+
+        Args:
+            images: (B,3,H,W) in [-1, 1], any H, W ≥ 1.
+
+        Returns:
+            The posterior over (B,C,ceil(H/f),ceil(W/f)) latents.
+        """
+        padded, size = pad_to_multiple(images, self.factor)
+        tiled = self._tiled(*padded.shape[-2:])
+
+        def run(model: AutoencoderKL, dtype: torch.dtype) -> torch.Tensor:
+            x = padded.to(self.device, dtype)
+            if tiled:
+                return tiled_encode(model, x)
+            h = model.encoder(x)
+            return model.quant_conv(h) if model.quant_conv is not None else h
+
+        moments = self._with_fallback("encode", run)
+        mean, logvar = moments.chunk(2, dim=1)
+        return Encoded(mean=mean, logvar=logvar.clamp(-30.0, 20.0), size=size)
+
+    def decode(self, z: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Decode unscaled latents.
+
+        Args:
+            z: (B,C,h,w) unscaled latents (see :func:`sdvae.latents.scaling.unscale_latents`).
+            size: (H, W) to crop the output to (the original image size); default: full size.
+
+        Returns:
+            (B,3,H,W) float32 on CPU, nominally in [-1, 1] (not clamped).
+        """
+        tiled = self._tiled(z.shape[-2] * self.factor, z.shape[-1] * self.factor)
+
+        def run(model: AutoencoderKL, dtype: torch.dtype) -> torch.Tensor:
+            latents = z.to(self.device, dtype)
+            if tiled:
+                return tiled_decode(model, latents)
+            return model.decode(latents).sample
+
+        images = self._with_fallback("decode", run).cpu()
+        return crop_to(images, size) if size is not None else images
+
+    def roundtrip(self, images: torch.Tensor, sample: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, Encoded]:
+        """Encode then decode.
+
+        Args:
+            images: (B,3,H,W) in [-1, 1].
+            sample: decode a posterior draw instead of the mean.
+            generator: makes the draw reproducible.
+
+        Returns:
+            (reconstruction (B,3,H,W) in about [-1, 1], the posterior).
+        """
+        enc = self.encode(images)
+        return self.decode(enc.latents(sample, generator), enc.size), enc

@@ -1,0 +1,1 @@
+"""Latents: scaling, latents files, the ``encode-dataset`` job and its on-disk dataset, statistics, previews."""

@@ -1,0 +1,402 @@
+"""``sdvae encode-dataset``: encode an image collection into a latent dataset, resumably, on N processes.
+
+Layout of the output folder ``OUT`` (a ``datasets`` dataset: ``datasets.load_from_disk(OUT)``)::
+
+    sdvae_encode_args.json      the arguments that define the output (written first; a rerun must match)
+    data/shard-00000.arrow      rows of inputs [0, S), Arrow IPC stream (S = --shard-size)
+    data/shard-00000.skipped.json   unreadable inputs of that shard (only when there are some)
+    ...
+    skipped.txt                 every unreadable input: ``name<TAB>reason`` (one line each)
+    dataset_info.json, state.json   what ``datasets.load_from_disk`` reads
+    sdvae_latents.json          dataset-level metadata (written last: present = complete)
+
+Why it is exact under ``kill -9``:
+
+* The work is cut into fixed *shards* of S consecutive input indices; shard k belongs to rank
+  ``k % world_size``. Both are pure functions of the arguments, so every run agrees on them.
+* A shard is written in one piece (temporary name, fsync, rename: :func:`sdvae.atomic.atomic_file`)
+  once all its images are encoded, its skip report first. A shard file therefore exists complete or
+  not at all, and "done" simply means "its file exists": a rerun skips those and redoes the rest.
+  Rows never live anywhere else, so there can be no duplicates.
+* Random crops and posterior samples are drawn from generators seeded by (seed, input index), so a
+  redone shard has the same content as the lost one would have had, whatever the process count.
+* Whichever process finds every shard present at its end writes the dataset files (idempotent,
+  deterministic content, atomic), so the last one to finish completes the dataset even if another
+  was killed; a rerun with the same arguments finishes whatever is missing.
+
+Decoding, resizing and cropping happen in DataLoader workers, overlapped with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sdvae.errors import UserError
+from sdvae.images.resize import resize_shorter
+from sdvae.images.sources import ImageSource
+from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
+from sdvae.latents.shards import (
+    FIXED_COLUMNS,
+    build_features,
+    check_arguments,
+    finalize,
+    latent_columns,
+    shard_path,
+    skip_path,
+    write_json,
+    write_shard,
+)
+from sdvae.seeding import seeded_generator
+
+STORES = ("mean_logvar", "mean", "sample")
+CROPS = ("center", "random", "none")
+SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+# Test hook: seconds to sleep after each batch, so a test can kill a run mid-shard deterministically.
+DELAY_ENV = "SDVAE_ENCODE_TEST_DELAY"
+
+
+@dataclass
+class EncodeOptions:
+    """Arguments of one ``encode-dataset`` run (the CLI flags of the same names).
+
+    ``resolution`` 0 keeps every image's own size; ``crop`` None means ``center`` with a resolution and
+    ``none`` without. ``carry`` None carries every non-image column of a dataset source.
+    """
+
+    src: str
+    out: str
+    model: str
+    resolution: int = 0
+    crop: str | None = None
+    batch_size: int = 16
+    dtype: str = "fp32"
+    store: str = "mean_logvar"
+    num_workers: int = 0
+    shard_size: int = 1000
+    image_column: str = "image"
+    split: str = "train"
+    carry: tuple[str, ...] | None = None
+    seed: int = 0
+    device: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by ``torchrun`` / ``accelerate launch`` (0, 1, 0 otherwise).
+
+    No process group is needed: shards are assigned by rank and every process writes its own files.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UserError(f"bad RANK={rank} / WORLD_SIZE={world} in the environment")
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def latent_space_hash(config: dict[str, Any]) -> str:
+    """Hash of a VAE config without its scaling keys: what unscaled latents depend on."""
+    blob = json.dumps({k: v for k, v in config.items() if k not in SCALING_KEYS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def weights_hash(vae: torch.nn.Module) -> str:
+    """Hash of the weights (two checkpoints of one architecture must not share a resumed output)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing (runs in DataLoader workers)
+# --------------------------------------------------------------------------------------------------
+
+
+def preprocess(image: torch.Tensor, resolution: int, crop: str, factor: int,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Resize and crop one image for encoding.
+
+    Args:
+        image: (3,H,W) float32 in [-1,1].
+        resolution: shorter side after resizing (bicubic, antialiased; 0: keep the size).
+        crop: ``center``/``random``: a resolution×resolution crop; ``none``: keep the whole image except
+            for the (< factor) pixels that make a side not a multiple of ``factor``, trimmed evenly.
+        factor: the VAE's downsampling factor.
+        generator: draws the ``random`` crop offsets.
+
+    Returns:
+        (pixels (3,h,w) float32 in [-1,1], resized size [H', W'], crop box [top, left, h, w] in the
+        resized image).
+
+    Raises:
+        UserError: the image is smaller than one latent cell (``crop none`` only).
+    """
+    if resolution:
+        image = resize_shorter(image, resolution)
+    h, w = image.shape[-2:]
+    if crop == "none":
+        ch, cw = h - h % factor, w - w % factor
+        if not ch or not cw:
+            raise UserError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor})")
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        ch = cw = resolution
+        if crop == "random":
+            top = int(torch.randint(h - ch + 1, (1,), generator=generator))
+            left = int(torch.randint(w - cw + 1, (1,), generator=generator))
+        else:
+            top, left = (h - ch) // 2, (w - cw) // 2
+    pixels = image[:, top:top + ch, left:left + cw].float().contiguous()
+    return pixels, [int(h), int(w)], [int(top), int(left), int(ch), int(cw)]
+
+
+class _Items(Dataset):
+    """Input index → ``{"index", "key", "name", "pixels" | "error", sizes, "crop_box", "extras"}``."""
+
+    def __init__(self, source: ImageSource, resolution: int, crop: str, factor: int, seed: int):
+        self.source, self.resolution, self.crop, self.factor, self.seed = source, resolution, crop, factor, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        src = self.source
+        item: dict[str, Any] = {"index": index, "key": src.key(index), "name": src.name(index)}
+        try:
+            image = src.load(index)
+            generator = seeded_generator(self.seed, "encode-crop", index) if self.crop == "random" else None
+            pixels, resized, box = preprocess(image, self.resolution, self.crop, self.factor, generator)
+        except UserError as err:  # unreadable: reported, never fatal
+            item["error"] = str(err)
+            return item
+        item.update(pixels=pixels, original_size=[int(s) for s in image.shape[-2:]], resized_size=resized,
+                    crop_box=box, extras=src.extras(index))
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch in the worker, one stack per image size (sizes differ only with ``--crop none``).
+
+    Returns:
+        ``{"groups": [((b,3,h,w) float32 in [-1,1], [item without pixels] * b), ...], "items": every
+        item of the batch (input order), "first": the batch's first input index}``.
+    """
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for item in items:
+        if "pixels" in item:
+            groups.setdefault(tuple(item["pixels"].shape), []).append(item)
+    stacked = [(torch.stack([it.pop("pixels") for it in group]), group) for group in groups.values()]
+    return {"groups": stacked, "items": items, "first": items[0]["index"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def _batches(pending: list[int], num_inputs: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Index batches of the pending shards, in order; a batch never straddles two shards."""
+    out = []
+    for k in pending:
+        indices = list(range(k * shard_size, min((k + 1) * shard_size, num_inputs)))
+        out.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
+    return out
+
+
+def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, seed: int) -> None:
+    """Encode the readable items of a collated batch in place (adds ``latents``: column → flat numpy array)."""
+    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    for pixels, group in batch["groups"]:
+        enc = codec.encode(pixels)  # (b,C,h,w) float32 moments
+        mean, logvar = enc.mean.cpu(), enc.logvar.cpu()
+        for j, item in enumerate(group):
+            if store == "mean_logvar":
+                tensors = {"mean": mean[j], "logvar": logvar[j]}
+            elif store == "mean":
+                tensors = {"latent": mean[j]}
+            else:  # one posterior draw, seeded by the input index: the same in any run or process
+                eps = torch.randn(mean[j].shape, generator=seeded_generator(seed, "encode-sample", item["index"]))
+                tensors = {"latent": mean[j] + torch.exp(0.5 * logvar[j]) * eps}
+            item["shape"] = list(mean[j].shape)
+            item["latents"] = {name: _to_numpy(t.to(target)) for name, t in tensors.items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Flat numpy view of a latent in its storage type (bf16 → its uint16 bit patterns)."""
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _dataset_meta(opts: EncodeOptions, identity: dict[str, Any], source: ImageSource, config: dict[str, Any],
+                  factor: int) -> dict[str, Any]:
+    """The dataset-level metadata (``sdvae_latents.json`` and the dataset info's description)."""
+    crop = identity["crop"]
+    return {
+        "format": DATASET_FORMAT, "source": source.describe(), "src": identity["src"], "num_inputs": len(source),
+        "model": opts.model, "config_hash": identity["config_hash"], "arch_hash": latent_space_hash(config),
+        "config": config, "downsampling_factor": factor,
+        "preprocessing": {"resolution": opts.resolution, "crop": crop, "seed": opts.seed,
+                          "resize": "shorter side to resolution, bicubic, antialiased, clamped to [-1,1]"
+                          if opts.resolution else "none (each image at its own size)",
+                          "trim": "whole image; sides trimmed (centred) to multiples of the downsampling factor"
+                          if crop == "none" else None,
+                          "input_range": "[-1,1] RGB; alpha composited on white; EXIF rotation applied"},
+        "store": opts.store, "dtype": opts.dtype, "latent_columns": latent_columns(opts.store),
+        "storage": f"flat lists of {ARROW_DTYPES[opts.dtype]}, reshaped by the row's `shape` (C,h,w)"
+        + (" (raw bfloat16 bit patterns)" if opts.dtype == "bf16" else ""),
+        "carried_columns": list(source.carry), "sizes": "[height, width]; crop_box [top, left, height, width] "
+        "in the resized image",
+        "scaled": False, "scaling": {k: config.get(k) for k in SCALING_KEYS},
+    }
+
+
+def run_encode(opts: EncodeOptions) -> dict[str, Any]:
+    """Encode this process's share of the pending shards; complete the dataset if this is the last process.
+
+    Returns:
+        A summary: ``rank``, ``world_size``, ``encoded`` (images this process encoded), ``unreadable``
+            (inputs it could not read; ``images_per_s`` counts both, as both were read),
+        ``seconds``, ``images_per_s``, ``shards_total``, ``shards_done_before``, ``shards_encoded``,
+        ``complete``, and when complete ``rows``/``skipped`` (whole dataset), ``out``.
+
+    Raises:
+        UserError: bad arguments, an unusable source/model, or an output made with other arguments.
+    """
+    from tqdm import tqdm
+
+    from sdvae.codec.codec import Codec
+    from sdvae.images.sources import open_source
+    from sdvae.model.dtypes import DTYPES
+    from sdvae.model.info import config_dict, config_hash, downsample_factor
+    from sdvae.model.load import load_vae
+
+    rank, world, local_rank = dist_env()
+    crop = opts.crop or ("center" if opts.resolution else "none")
+    if crop not in CROPS or opts.store not in STORES or opts.dtype not in DTYPES:
+        raise UserError(f"bad option: crop {crop!r}, store {opts.store!r} or dtype {opts.dtype!r}")
+    if opts.resolution < 0 or opts.batch_size < 1 or opts.shard_size < 1 or opts.num_workers < 0:
+        raise UserError("--resolution must be >= 0, --batch-size and --shard-size >= 1, --num-workers >= 0")
+    if crop != "none" and not opts.resolution:
+        raise UserError(f"--crop {crop} needs --resolution N (the crop size)")
+    source = open_source(opts.src, opts.image_column, opts.split, opts.cache_dir, carry=opts.carry)
+    clash = [c for c in source.carry if c in FIXED_COLUMNS]
+    if clash:
+        raise UserError(f"{opts.src}: column(s) {', '.join(clash)} would clash with output columns; "
+                        "leave them out with --carry")
+    vae = load_vae(opts.model)
+    factor, config = downsample_factor(vae), config_dict(vae)
+    if crop != "none" and opts.resolution % factor:
+        raise UserError(f"--resolution {opts.resolution} is not a multiple of the downsampling factor {factor}")
+    local_src = Path(opts.src).expanduser()
+    num_inputs = len(source)
+    identity = json.loads(json.dumps({
+        "format": DATASET_FORMAT, "src": str(local_src.resolve()) if local_src.exists() else opts.src,
+        "source": source.fingerprint(), "num_inputs": num_inputs, "image_column": opts.image_column,
+        "split": opts.split, "carry": list(source.carry), "model": opts.model, "config_hash": config_hash(vae),
+        "weights_hash": weights_hash(vae), "resolution": opts.resolution, "crop": crop, "dtype": opts.dtype,
+        "store": opts.store, "seed": opts.seed, "shard_size": opts.shard_size,
+        "num_shards": math.ceil(num_inputs / opts.shard_size)}))
+    out = Path(opts.out)
+    check_arguments(out, identity)
+    features = build_features(opts.store, opts.dtype, source.extra_features())
+    meta = _dataset_meta(opts, identity, source, config, factor)
+
+    num_shards = identity["num_shards"]
+    mine = list(range(rank, num_shards, world))
+    pending = [k for k in mine if not shard_path(out, k).is_file()]
+    batches = _batches(pending, num_inputs, opts.shard_size, opts.batch_size)
+    left = {k: 0 for k in pending}
+    for batch in batches:
+        left[batch[0] // opts.shard_size] += 1
+    summary: dict[str, Any] = {"rank": rank, "world_size": world, "shards_total": num_shards,
+                               "shards_done_before": len(mine) - len(pending), "shards_encoded": 0,
+                               "encoded": 0, "unreadable": 0}
+    device = opts.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    codec = Codec(vae, device=device, dtype=opts.dtype, tile="auto")
+    dataset = _Items(source, opts.resolution, crop, factor, opts.seed)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=opts.num_workers,
+                        prefetch_factor=4 if opts.num_workers else None, pin_memory=device.startswith("cuda"))
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", desc=f"encode (rank {rank}/{world})" if world > 1 else "encode",
+               disable=not opts.progress or rank != 0 or not total, dynamic_ncols=True, smoothing=0.1)
+    # Shards are written by one background thread (Arrow + fsync release the GIL), so the model does not
+    # wait on the disk; at most two finished shards wait in memory.
+    writer, writing = ThreadPoolExecutor(max_workers=1), deque()
+    start = time.perf_counter()
+    try:
+        # An empty batch sampler (nothing pending here) must not start workers.
+        _encode_loop(iter(loader) if batches else iter(()), codec, opts, out, features, left, summary, bar, writer,
+                     writing)
+    finally:
+        while writing:
+            writing.popleft().result()
+        writer.shutdown()
+    bar.close()
+    seconds = time.perf_counter() - start
+    read = summary["encoded"] + summary["unreadable"]
+    summary.update(seconds=round(seconds, 3), images_per_s=round(read / seconds, 2) if seconds else 0.0,
+                   notes=list(codec.notes), out=str(out))
+    final = finalize(out, identity, features, meta)
+    summary["complete"] = final is not None
+    if final is not None:
+        summary.update(rows=final["rows"], skipped=final["skipped"])
+    else:
+        summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(num_shards))
+    return summary
+
+
+def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOptions, out: Path, features: Any,
+                 left: dict[int, int], summary: dict[str, Any], bar: Any, writer: ThreadPoolExecutor,
+                 writing: deque) -> None:
+    """Encode the batches; hand each shard to the writer thread as soon as its last batch is encoded."""
+    rows: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
+    skipped: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
+    delay = float(os.environ.get(DELAY_ENV, 0) or 0)
+    for batch in batches:
+        k = batch["first"] // opts.shard_size
+        _encode_batch(codec, batch, opts.store, opts.dtype, opts.seed)
+        items = batch["items"]
+        for item in items:
+            if "error" in item:
+                skipped[k].append({"index": item["index"], "name": item["name"], "reason": item["error"]})
+                if summary["unreadable"] < 20:
+                    bar.write(f"sdvae: skipping unreadable {item['error']}", file=sys.stderr)
+                summary["unreadable"] += 1
+            else:
+                rows[k].append(item)
+                summary["encoded"] += 1
+        left[k] -= 1
+        if left[k] == 0:  # the shard is complete
+            writing.append(writer.submit(_write_finished_shard, out, k, rows.pop(k), skipped.pop(k), features))
+            summary["shards_encoded"] += 1
+            while len(writing) > 2:
+                writing.popleft().result()
+        bar.update(len(items))
+        if delay:
+            time.sleep(delay)
+
+
+def _write_finished_shard(out: Path, k: int, rows: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                          features: Any) -> None:
+    # The skip report first, then the rows: the rows file is what marks the shard as done.
+    if skipped:
+        write_json(skip_path(out, k), skipped)
+    write_shard(shard_path(out, k), rows, features)

@@ -1,0 +1,142 @@
+"""The on-disk layout of an ``sdvae encode-dataset`` output: argument record, Arrow shards, final files.
+
+See :mod:`sdvae.latents.export` for why this layout makes the job exact under ``kill -9``: a shard file
+is written atomically once complete, and ``sdvae_latents.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdvae.atomic import atomic_file
+from sdvae.errors import UserError
+from sdvae.latents.format import ARROW_DTYPES, DATASET_META, ENCODE_ARGS
+
+FIXED_COLUMNS = ("key", "index", "mean", "logvar", "latent", "shape", "original_size", "resized_size", "crop_box")
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out / "data" / f"shard-{k:05d}.arrow"
+
+
+def skip_path(out: Path, k: int) -> Path:
+    return out / "data" / f"shard-{k:05d}.skipped.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def check_arguments(out: Path, identity: dict[str, Any]) -> None:
+    """Record the arguments in a new output, or refuse to resume one made with other arguments."""
+    path = out / ENCODE_ARGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+        if diffs:
+            said = "; ".join(f"{k} was {old.get(k)!r}, now {identity.get(k)!r}" for k in diffs[:3])
+            raise UserError(f"{out}: started with different arguments ({said}); rerun with the original "
+                            "arguments to resume, or choose another output folder")
+        return
+    if out.is_file():
+        raise UserError(f"{out}: is a file; encode-dataset writes a folder")
+    # Another rank may have just written the arguments file (identical content) or data/.
+    if out.is_dir() and any(p.name not in (ENCODE_ARGS, "data") and not p.name.startswith(".") for p in out.iterdir()):
+        raise UserError(f"{out}: exists and is not an encode-dataset output; choose a new or empty folder")
+    write_json(path, identity)
+
+
+def build_features(store: str, dtype: str, extra: Any) -> Any:
+    """The ``datasets.Features`` of the rows (fixed columns first, then the carried ones)."""
+    import datasets
+
+    ints = datasets.List(datasets.Value("int32"))
+    latent = datasets.List(datasets.Value(ARROW_DTYPES[dtype]))
+    cols: dict[str, Any] = {"key": datasets.Value("string"), "index": datasets.Value("int64")}
+    cols.update({name: latent for name in latent_columns(store)})
+    cols.update(shape=ints, original_size=ints, resized_size=ints, crop_box=ints)
+    cols.update(dict(extra or {}))
+    return datasets.Features(cols)
+
+
+def latent_columns(store: str) -> list[str]:
+    return ["mean", "logvar"] if store == "mean_logvar" else ["latent"]
+
+
+def _flat_list_array(arrays: list[np.ndarray], arrow_type: Any) -> Any:
+    """Flat numpy arrays → one Arrow list array without a Python object per element."""
+    import pyarrow as pa
+
+    lengths = np.array([a.size for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if offsets[-1] >= 2**31:
+        raise UserError("a shard holds more than 2^31 latent values; lower --shard-size")
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=arrow_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=arrow_type))
+
+
+def write_shard(path: Path, rows: list[dict[str, Any]], features: Any) -> None:
+    """Write one shard's rows (sorted by input index) as an Arrow IPC stream, atomically."""
+    import pyarrow as pa
+    from datasets.features.features import encode_nested_example
+
+    rows = sorted(rows, key=lambda r: r["index"])
+    schema = features.arrow_schema
+    arrays = []
+    for field in schema:
+        name = field.name
+        if name in ("mean", "logvar", "latent"):
+            arrays.append(_flat_list_array([r["latents"][name] for r in rows], field.type.value_type))
+        elif name in FIXED_COLUMNS:
+            arrays.append(pa.array([r[name] for r in rows], type=field.type))
+        else:  # carried column: encoded as datasets would (Image dicts, ClassLabel names → ints...)
+            column = [encode_nested_example(features[name], r["extras"][name]) for r in rows]
+            arrays.append(pa.array(column, type=field.type))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    with atomic_file(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table)
+
+
+def shard_rows(path: Path) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().num_rows
+
+
+def finalize(out: Path, identity: dict[str, Any], features: Any, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Write the dataset files if every shard is present; return the metadata (None: shards missing).
+
+    Safe to run in several processes at once: the content is a pure function of the shards, and
+    every file is replaced atomically. ``sdvae_latents.json`` comes last, so its presence means complete.
+    """
+    num_shards = identity["num_shards"]
+    files = [shard_path(out, k) for k in range(num_shards)]
+    if not all(f.is_file() for f in files):
+        return None
+    skipped = []
+    for k in range(num_shards):
+        if skip_path(out, k).is_file():
+            skipped.extend(json.loads(skip_path(out, k).read_text()))
+    rows = sum(shard_rows(f) for f in files)
+    meta = {**meta, "rows": rows, "skipped": len(skipped), "num_shards": num_shards}
+    with atomic_file(out / "skipped.txt") as tmp:
+        tmp.write_text("".join(f"{s['name']}\t{' '.join(s['reason'].split())}\n" for s in skipped))
+    info = {"citation": "", "description": json.dumps(meta, sort_keys=True), "features": features.to_dict(),
+            "homepage": "", "license": "", "dataset_size": sum(f.stat().st_size for f in files)}
+    write_json(out / "dataset_info.json", info)
+    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    write_json(out / "state.json", {
+        "_data_files": [{"filename": f"data/{f.name}"} for f in files], "_fingerprint": fingerprint,
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+        "_split": None})
+    for leftover in (out / "data").glob(".shard-*.tmp"):  # from killed writers; every shard is final now
+        leftover.unlink(missing_ok=True)
+    write_json(out / DATASET_META, meta)
+    return meta

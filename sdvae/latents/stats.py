@@ -1,0 +1,200 @@
+"""Exact latent statistics of an ``encode-dataset`` output, and the scaling factors they recommend.
+
+LDM set SD's ``scaling_factor`` from the standard deviation of the first batch; SD3 and FLUX define
+``scaling_factor = 1/std`` and ``shift_factor = mean`` over their training latents. Here both come
+from the *whole* dataset in one streaming pass (float64, Chan et al.'s parallel mean/variance merge),
+so the result is exact up to float64 rounding and independent of the shard order or batch size.
+
+What is measured (``over``):
+
+* ``posterior`` (default when log-variances were stored): the distribution a diffusion model is
+  trained on when it draws z = mean + σ·ε. Its moments are exact without sampling:
+  E[z] = E[mean] and Var[z] = Var[mean] + E[σ²] (law of total variance over images and positions).
+* ``mean``: the stored posterior means only (smaller std: the posterior noise is left out).
+* ``sample``: the stored draws of ``--store sample`` (an estimate of ``posterior`` with noise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdvae.atomic import atomic_file
+from sdvae.errors import UserError
+from sdvae.latents.format import read_dataset_meta, stored_to_tensor
+
+OVER = ("auto", "posterior", "mean")
+ROWS_PER_STEP = 64  # rows converted to float64 at once: bounds memory for large latents
+
+
+@dataclass
+class LatentStats:
+    """Per-channel and global moments of a latent dataset (population std, ddof=0).
+
+    Attributes:
+        over: ``posterior``, ``mean`` or ``sample`` (see the module docstring).
+        rows: latents measured.
+        values_per_channel: values per channel (rows × positions).
+        channel_mean, channel_std: per channel (C,).
+        mean, std: over all channels and positions together.
+    """
+
+    over: str
+    rows: int
+    values_per_channel: int
+    channel_mean: list[float]
+    channel_std: list[float]
+    mean: float
+    std: float
+
+    @property
+    def scaling_factor(self) -> float:
+        """Recommended ``scaling_factor`` = 1/std (SD3/FLUX definition)."""
+        return 1.0 / self.std
+
+    @property
+    def shift_factor(self) -> float:
+        """Recommended ``shift_factor`` = mean."""
+        return self.mean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
+
+class _Moments:
+    """Streaming per-channel count/mean/M2 (+ sum of posterior variances), merged exactly in float64."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.mean = np.zeros(channels)
+        self.m2 = np.zeros(channels)
+        self.noise = np.zeros(channels)  # Σ σ² per channel (posterior only)
+
+    def add(self, x: np.ndarray, var: np.ndarray | None = None) -> None:
+        """Merge a block of values x (C, M) float64 (and their posterior variances (C, M))."""
+        m = x.shape[1]
+        if m == 0:
+            return
+        block_mean = x.mean(1)
+        block_m2 = ((x - block_mean[:, None]) ** 2).sum(1)
+        delta, total = block_mean - self.mean, self.n + m
+        self.mean += delta * (m / total)
+        self.m2 += block_m2 + delta**2 * (self.n * m / total)
+        self.n = total
+        if var is not None:
+            self.noise += var.sum(1)
+
+    def result(self, over: str, rows: int) -> LatentStats:
+        if self.n == 0:
+            raise UserError("the dataset has no rows to measure")
+        var = (self.m2 + self.noise) / self.n
+        grand = float(self.mean.mean())  # every channel has the same count
+        total_var = float((self.m2.sum() + self.noise.sum() + self.n * ((self.mean - grand) ** 2).sum())
+                          / (self.n * len(self.mean)))
+        return LatentStats(over, rows, self.n, [float(v) for v in self.mean], [float(math.sqrt(v)) for v in var],
+                           grand, math.sqrt(total_var))
+
+
+def _blocks(path: Path, columns: list[str], dtype: str) -> Iterator[list[np.ndarray]]:
+    """Yield, per group of rows of equal shape, each column's values as (C, M) float64."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    for entry in state["_data_files"]:
+        with pa.memory_map(str(path / entry["filename"])) as source:
+            for batch in pa.ipc.open_stream(source):
+                for start in range(0, batch.num_rows, ROWS_PER_STEP):
+                    part = batch.slice(start, ROWS_PER_STEP)
+                    shapes = part.column("shape").to_pylist()
+                    flats = [part.column(c).flatten().to_numpy(zero_copy_only=False) for c in columns]
+                    if all(s == shapes[0] for s in shapes):
+                        runs = [(shapes[0], len(shapes), flats)]
+                    else:  # --crop none: rows differ in size; take them one by one
+                        ends = np.cumsum([0] + [math.prod(s) for s in shapes])
+                        runs = [(s, 1, [f[ends[i]:ends[i + 1]] for f in flats]) for i, s in enumerate(shapes)]
+                    for shape, n, values in runs:
+                        c = shape[0]
+                        yield [stored_to_tensor(v, dtype, (n, c, -1)).double().numpy().transpose(1, 0, 2)
+                               .reshape(c, -1) for v in values]
+
+
+def compute_latent_stats(path: str | os.PathLike[str], over: str = "auto") -> LatentStats:
+    """Per-channel and global mean/std of a latent dataset, in one exact streaming pass.
+
+    Args:
+        path: an ``sdvae encode-dataset`` output folder.
+        over: ``auto`` (posterior when log-variances are stored, else the stored latents), ``posterior``
+            or ``mean``.
+
+    Raises:
+        UserError: not a complete latent dataset, or ``over`` impossible for what was stored.
+    """
+    folder = Path(path)
+    meta = read_dataset_meta(folder)
+    store = meta["store"]
+    if over not in OVER:
+        raise UserError(f"--over must be one of {', '.join(OVER)}, got {over!r}")
+    if over == "auto":
+        over = "posterior" if store == "mean_logvar" else ("mean" if store == "mean" else "sample")
+    if over == "posterior" and store != "mean_logvar":
+        raise UserError(f"{folder}: --over posterior needs stored log-variances (this dataset has --store {store})")
+    if over == "mean" and store == "sample":
+        raise UserError(f"{folder}: holds posterior samples (--store sample), not means; use --over auto")
+    columns = ["mean", "logvar"] if over == "posterior" else [meta["latent_columns"][0]]
+    moments: _Moments | None = None
+    for values in _blocks(folder, columns, meta["dtype"]):
+        if moments is None:
+            moments = _Moments(values[0].shape[0])
+        moments.add(values[0], np.exp(values[1]) if over == "posterior" else None)
+    if moments is None:
+        raise UserError(f"{folder}: the dataset has no rows to measure")
+    return moments.result(over, int(meta["rows"]))
+
+
+def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
+                         per_channel: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Write the recommended scaling into a diffusers folder's config.json (atomically).
+
+    Without ``per_channel``: ``scaling_factor`` = 1/std and ``shift_factor`` = mean, and
+    ``latents_mean``/``latents_std`` are cleared (they would take precedence, see
+    :func:`sdvae.latents.scaling.scale_latents`). With it: ``latents_mean``/``latents_std`` per channel and
+    ``scaling_factor`` 1.0, ``shift_factor`` cleared, so that scaled latents again have unit variance
+    (the per-channel rule is ``(z - latents_mean) * scaling_factor / latents_std``).
+
+    Returns:
+        (the config.json written, the keys written with their values).
+
+    Raises:
+        UserError: no config.json, not an AutoencoderKL config, or a different latent channel count.
+    """
+    base = Path(folder)
+    candidates = [base] if base.name == "config.json" else [base / "config.json", base / "vae" / "config.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise UserError(f"{folder}: no config.json (nor vae/config.json); pass a diffusers model folder")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"{path}: is a {config.get('_class_name')} config, not an AutoencoderKL one")
+    channels = config.get("latent_channels")
+    if channels is not None and channels != len(stats.channel_mean):
+        raise UserError(f"{path}: model has {channels} latent channels, the statistics {len(stats.channel_mean)}")
+    if per_channel:
+        updates = {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": stats.channel_mean,
+                   "latents_std": stats.channel_std}
+    else:
+        updates = {"scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
+                   "latents_mean": None, "latents_std": None}
+    config.update(updates)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return path, updates

@@ -1,0 +1,148 @@
+"""Loading an AutoencoderKL from every supported reference: preset, folder, single file, Hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sdvae.errors import UserError
+from sdvae.model.build import build_preset, regroup_norms, with_weights
+from sdvae.model.presets import PRESETS
+
+if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
+    from diffusers import AutoencoderKL
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _load_diffusers_folder(path: Path) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    folder = path if _is_diffusers_folder(path) else path / "vae"
+    try:
+        return AutoencoderKL.from_pretrained(folder).float().eval()
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({_first_line(err)})") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hub endpoint accepts a TCP connection (fails fast instead of retrying for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_hub(ref: str) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    name = ref.split("/")[-1]
+    # The local Hugging Face cache first: it works offline and costs no request.
+    for subfolder in (None, "vae"):
+        try:
+            with warnings.catch_warnings():  # huggingface_hub deprecation chatter is not for our users
+                warnings.simplefilter("ignore")
+                return AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True).eval()
+        except Exception:  # not cached (or cached without this subfolder): try the next way
+            pass
+    if not _hub_reachable():
+        raise UserError(
+            f"cannot load '{ref}': not in the local Hugging Face cache and the Hub is unreachable; "
+            f"download it where there is network and pass the folder, e.g. --model /path/to/{name}"
+        )
+    errors = []
+    for subfolder in (None, "vae"):
+        try:
+            return AutoencoderKL.from_pretrained(ref, subfolder=subfolder).eval()
+        except Exception as err:  # hub errors come in many types; all mean "not loadable"
+            errors.append(_first_line(err))
+    raise UserError(f"cannot load '{ref}' from the Hugging Face Hub ({errors[-1]}); "
+                    f"pass a local folder instead, e.g. --model /path/to/{name}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,
+             norm_num_groups: int = 0) -> AutoencoderKL:
+    """Load an AutoencoderKL from any supported reference, in eval mode, fp32, on CPU.
+
+    Args:
+        ref: one of
+            * a preset name (:data:`PRESETS`), built with a seeded random init;
+            * a diffusers folder (``config.json`` + weights), or a pipeline folder with ``vae/``;
+            * a single file: original LDM / A1111 checkpoint or diffusers-keyed weights
+              (``.safetensors``; ``.ckpt``/``.pt``/``.pth``/``.bin`` are read with
+              ``torch.load(weights_only=True)``), with or without a ``first_stage_model.``/``vae.``
+              prefix; the architecture is inferred from tensor shapes;
+            * a Hugging Face Hub id (``org/name``), through diffusers' own loading.
+        preset_scaling: for single files: take scaling/shift from this preset (e.g. ``"sdxl"`` or
+            ``"flux"``). Files written by ``sdvae convert`` record their own; for other files, which
+            carry none, 4-channel files get ``sd``'s and 16-channel files ``sd3``'s.
+        norm_num_groups: if positive, regroup every GroupNorm after loading (:func:`regroup_norms`);
+            0 keeps the reference's own.
+
+    Raises:
+        UserError: the reference cannot be resolved or loaded; the message names it.
+    """
+    vae = _load(ref, preset_scaling)
+    return regroup_norms(vae, norm_num_groups) if norm_num_groups else vae
+
+
+def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> AutoencoderKL:
+    ref_str = os.fspath(ref)
+    if ref_str in PRESETS:
+        return build_preset(ref_str)
+    path = Path(ref_str).expanduser()
+    if path.is_dir():
+        if _is_diffusers_folder(path) or _is_diffusers_folder(path / "vae"):
+            return _load_diffusers_folder(path)
+        raise UserError(f"{path}: folder has no config.json (nor vae/config.json); not a diffusers model")
+    if path.is_file():
+        if path.name == "config.json":
+            return _load_diffusers_folder(path.parent)
+        return _load_single_file(path, preset_scaling)
+    looks_like_path = (
+        path.suffix.lower() in SINGLE_FILE_SUFFIXES
+        or ref_str.startswith((".", "/", "~"))
+        or ref_str.count("/") != 1
+    )
+    if looks_like_path:
+        raise UserError(
+            f"{ref_str}: no such file, folder or preset (presets: {', '.join(PRESETS)})"
+        )
+    return _load_hub(ref_str)
+
+
+def _load_single_file(path: Path, preset_scaling: str | None) -> AutoencoderKL:
+    from sdvae.model.single_file import read_single_file
+
+    config, state_dict = read_single_file(path)
+    latent = config["latent_channels"]
+    # Files we wrote record their scaling (sdvae metadata); other files get the family default.
+    scaling_from = preset_scaling or (
+        None if "scaling_factor" in config else "sd" if latent == 4 else "sd3" if latent == 16 else None)
+    if scaling_from is not None:
+        if scaling_from not in PRESETS:
+            raise UserError(f"unknown preset '{scaling_from}' for scaling: choose one of {', '.join(PRESETS)}")
+        for key in ("scaling_factor", "shift_factor", "force_upcast", "sample_size"):
+            if key in PRESETS[scaling_from].config:
+                config[key] = PRESETS[scaling_from].config[key]
+    return with_weights(config, state_dict).float().eval()

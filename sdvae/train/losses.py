@@ -1,0 +1,412 @@
+"""All training-loss math for KL autoencoders: reconstruction, LPIPS, KL, PatchGAN terms.
+
+The training script only calls :class:`VAELoss`. The objective is LDM's ``LPIPSWithDiscriminator``
+(the loss the Stable Diffusion VAEs were trained with), with the defects of diffusers' reference
+``train_autoencoderkl.py`` avoided: LPIPS carries gradient (it is never computed under ``no_grad``),
+the discriminator step only sees detached reconstructions, and the generator step sends no gradient
+into the discriminator. The frozen LPIPS network is built (from local weight files only) by
+:func:`sdvae.metrics.lpips.build_lpips`; the LPIPS distance term is computed here.
+
+Reduction convention (read this before changing a weight)
+---------------------------------------------------------
+LDM sums every per-pixel term over ``C·H·W`` and averages over the batch (so its loss grows with the
+image size), and adds ``kl_weight`` times the KL in nats per image. Here **every term is LDM's divided
+by the number of image elements** ``D = 3·H·W``::
+
+    nll   = recon_weight·mean|x − x̂|  (or mean (x − x̂)²)  + lpips_weight·mean LPIPS(x, x̂)
+    nll   = nll / exp(s) + s                                 (only with learned_logvar; s scalar)
+    total = nll + kl_weight · KL / D + λ · G_adv             (λ: see below; 0 before disc_start)
+
+where ``KL`` is :func:`kl_divergence` (nats per image: summed over the latent C·h·w, averaged over
+the batch) and ``mean`` is over batch and all pixels. Because the total is exactly LDM's loss / D,
+LDM's hyper-parameters keep their meaning (``kl_weight=1e-6``, ``lpips_weight=1``, adaptive
+``disc_weight=0.5``) at every resolution, while the numbers stay O(1) (readable logs, a meaningful
+``grad_clip``). Adding ``KL`` un-normalised to a per-element mean instead would weight the KL
+``3·H·W`` times (≈2·10⁵ at 256²) more than LDM does. The logged ``kl`` is in nats per image (what LDM
+logs), ``kl_bpd`` the same in bits per image dimension.
+
+Adversarial weight: with ``disc_adaptive_weight`` (LDM),
+``λ = disc_weight · clamp(‖∇_w nll‖ / (‖∇_w G_adv‖ + 1e-4), 0, 1e4)`` with ``w`` the decoder's last
+weight. λ scales with ``nll``, so λ·G_adv keeps LDM's size relative to the other terms (only the
+1e4 clamp, applied to this D-times smaller λ, binds later than LDM's; it matters only when the
+adversarial gradient all but vanishes). Without it ``λ = disc_weight`` relative to the per-element
+``nll`` above (LDM has no such mode).
+
+Learned log-variance: LDM defines ``nll = rec / exp(s) + s`` with a learnable scalar ``s`` but its
+``configure_optimizers`` never gives ``s`` to an optimizer, so in LDM's code it stays at ``s = 0``
+(``nll = rec``). ``learned_logvar=True`` really learns it (via :meth:`VAELoss.trainable_parameters`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from sdvae.errors import UserError
+from sdvae.metrics.lpips import build_lpips, lpips_distance
+from sdvae.train.discriminator import NLayerDiscriminator, Norm, generator_adv_loss, hinge_d_loss, vanilla_d_loss
+from sdvae.train.modules import frozen, unwrap
+
+if TYPE_CHECKING:
+    from sdvae.train.config import LossConfig
+
+ADAPTIVE_EPS = 1e-4  # LDM: keeps λ finite when the adversarial gradient vanishes
+ADAPTIVE_MAX = 1e4  # LDM's clamp on λ
+
+
+# --------------------------------------------------------------------------------------------------
+# Elementary terms
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL( N(mean, exp(logvar)) ‖ N(0, I) ) in nats per image.
+
+    ``0.5 · Σ (mean² + exp(logvar) − 1 − logvar)`` **summed over all latent dimensions (C, h, w) and
+    averaged over the batch** — LDM's ``posterior.kl()`` followed by ``sum / B``. Computed in fp32
+    whatever the input dtype (under autocast the posterior may arrive in bf16/fp16).
+
+    Args:
+        mean: (B, C, h, w) posterior mean.
+        logvar: (B, C, h, w) posterior log-variance (diffusers clamps it to [-30, 20]).
+
+    Returns:
+        0-dim fp32 tensor, ≥ 0.
+    """
+    m, lv = mean.float(), logvar.float()
+    return (0.5 * (m.square() + lv.exp() - 1.0 - lv)).flatten(1).sum(1).mean()
+
+
+def bits_per_dim(nats: torch.Tensor | float, height: int, width: int, channels: int = 3) -> torch.Tensor | float:
+    """Express a per-image quantity in nats as bits per image dimension: ``nats / (ln 2 · C·H·W)``.
+
+    For logging the KL term on a resolution-independent scale (the "rate" of the latent code).
+    """
+    return nats / (math.log(2.0) * channels * height * width)
+
+
+def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Per-element mean L1 (``"l1"``) or squared error (``"mse"``), in fp32.
+
+    Args:
+        images: (B, 3, H, W) targets in [-1, 1].
+        recon: (B, 3, H, W) reconstructions (≈ [-1, 1], not clamped: clamping would cut the gradient).
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    diff = recon.float() - images.float()
+    if kind == "l1":
+        return diff.abs().mean()
+    if kind == "mse":
+        return diff.square().mean()
+    raise UserError(f"loss.recon: {kind!r} is not one of l1, mse")
+
+
+def adaptive_weight(
+    nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = ADAPTIVE_MAX
+) -> torch.Tensor:
+    """LDM's adaptive GAN weight ``clamp(‖∇_w nll‖ / (‖∇_w g_loss‖ + 1e-4), 0, max_weight)``, detached.
+
+    Balances the adversarial gradient against the reconstruction gradient at the decoder's last layer
+    ``w``. Uses ``torch.autograd.grad(..., retain_graph=True)``, which reads gradients without
+    accumulating into ``.grad`` and without firing DDP's all-reduce hooks (those sit on gradient
+    accumulation), so it works on a DDP-wrapped model as long as ``last_layer`` is the *parameter
+    tensor itself* (take it from the unwrapped module, see :func:`decoder_last_layer`); it also
+    works under autocast (parameters, hence these gradients, are fp32). Under DDP each process gets
+    its own λ from its local batch, as in LDM.
+
+    Args:
+        nll: 0-dim reconstruction(+perceptual) loss; may be constant (then λ = 0).
+        g_loss: 0-dim generator adversarial loss, which must depend on ``last_layer``.
+        last_layer: the parameter both losses are differentiated against.
+        max_weight: upper clamp (LDM: 1e4).
+
+    Returns:
+        0-dim fp32 tensor without grad. 0 when gradients are disabled (evaluation under
+        ``no_grad``, as LDM does) or when a gradient norm is not finite (e.g. an fp16 overflow).
+
+    Raises:
+        ValueError: ``g_loss`` does not depend on ``last_layer`` (the wrong tensor was passed, e.g. a
+            parameter of a copy of the model, which would silently disable the GAN).
+    """
+    if not torch.is_grad_enabled() or not g_loss.requires_grad:
+        return torch.zeros((), device=g_loss.device)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True, allow_unused=True)
+    if g_grad is None:
+        raise ValueError("adaptive_weight: the adversarial loss does not depend on last_layer; pass the "
+                         "decoder's conv_out.weight of the model that produced the reconstruction")
+    nll_grad = None
+    if nll.requires_grad:
+        (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True, allow_unused=True)
+    nll_norm = torch.zeros((), device=g_grad.device) if nll_grad is None else torch.linalg.vector_norm(nll_grad.float())
+    weight = nll_norm / (torch.linalg.vector_norm(g_grad.float()) + ADAPTIVE_EPS)
+    weight = weight.clamp(0.0, max_weight).detach()
+    return torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+
+
+# --------------------------------------------------------------------------------------------------
+# The training objective
+# --------------------------------------------------------------------------------------------------
+
+
+class _LossState(nn.Module):
+    """What of :class:`VAELoss` belongs in a checkpoint: the learned logvar and the bare discriminator."""
+
+    def __init__(self, logvar: nn.Parameter | None, discriminator: nn.Module | None) -> None:
+        super().__init__()
+        self.logvar = logvar
+        self.discriminator = discriminator
+
+
+class VAELoss(nn.Module):
+    """LDM's ``LPIPSWithDiscriminator`` objective, split into a generator and a discriminator step.
+
+    Holds the frozen LPIPS network (when ``lpips_weight > 0``), the learned scalar log-variance (when
+    ``learned_logvar``) and the PatchGAN (when ``disc_weight > 0``; otherwise ``discriminator`` is
+    None). The VAE itself is the caller's. Scales and weights: see the module docstring.
+
+    Optimizers: put :meth:`trainable_parameters` (the logvar) with the VAE's parameters, and
+    ``discriminator.parameters()`` in their own optimizer. LPIPS has no trainable parameters and is
+    excluded from :meth:`state_module` (checkpoints) — it is not part of the VAE either.
+
+    DDP: the trainer may replace ``self.discriminator`` with its DDP-wrapped version (e.g.
+    ``loss.discriminator = accelerator.prepare(loss.discriminator)``). :meth:`discriminator_loss`
+    then runs through the wrapper (its gradients are all-reduced), while :meth:`generator_loss` calls
+    the bare module (:func:`unwrap`): the generator step needs no discriminator gradient, so a DDP
+    forward there would only add a buffer broadcast (and, with ``find_unused_parameters``, a graph
+    search) per step, and would rely on how DDP's reducer treats a backward that yields none of its
+    gradients. The logvar is not inside any DDP module; call :meth:`all_reduce_trainable_grads`
+    before clipping and the optimizer step in multi-process runs, or the ranks' logvars drift apart.
+
+    Args:
+        cfg: the loss section of the run config.
+        lpips_model: use this LPIPS module instead of building one from ``cfg`` (tests, sharing).
+        random_lpips_backbone: build LPIPS with a random backbone (tests; never for training).
+        disc_ndf: width of the discriminator's first layer (LDM: 64).
+        disc_norm: discriminator normalisation, ``"batch"`` (LDM), ``"group"`` or ``"none"``.
+        logvar_init: initial value of the learned log-variance (LDM: 0).
+    """
+
+    def __init__(
+        self,
+        cfg: LossConfig,
+        *,
+        lpips_model: nn.Module | None = None,
+        random_lpips_backbone: bool = False,
+        disc_ndf: int = 64,
+        disc_norm: Norm = "batch",
+        logvar_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if cfg.recon not in ("l1", "mse"):
+            raise UserError(f"loss.recon: {cfg.recon!r} is not one of l1, mse")
+        if cfg.disc_weight > 0 and cfg.disc_layers < 1:
+            raise UserError(f"loss.disc_layers: must be >= 1, got {cfg.disc_layers}")
+        if cfg.disc_loss not in ("hinge", "vanilla"):
+            raise UserError(f"loss.disc_loss: {cfg.disc_loss!r} is not one of hinge, vanilla")
+        for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight"):
+            if getattr(cfg, name) < 0:
+                raise UserError(f"loss.{name}: must be >= 0, got {getattr(cfg, name)}")
+        self.cfg = cfg
+        self.lpips: nn.Module | None = None
+        if cfg.lpips_weight > 0:
+            self.lpips = lpips_model if lpips_model is not None else build_lpips(
+                cfg.lpips_net, cfg.lpips_weights, random_backbone=random_lpips_backbone)
+            self.lpips.eval().requires_grad_(False)
+        self.logvar: nn.Parameter | None
+        if cfg.learned_logvar:
+            self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        else:
+            self.register_parameter("logvar", None)
+        self.discriminator: nn.Module | None = None
+        if cfg.disc_weight > 0:
+            self.discriminator = NLayerDiscriminator(3, disc_ndf, cfg.disc_layers, disc_norm)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> VAELoss:
+        """Switch the discriminator's mode; LPIPS stays in eval mode (its dropout must stay off)."""
+        super().train(mode)
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """This module's own trainable parameters (the learned logvar, if any) — not the discriminator's."""
+        return [self.logvar] if self.logvar is not None else []
+
+    def state_module(self) -> nn.Module:
+        """A module whose ``state_dict`` is what to checkpoint: ``logvar`` and ``discriminator.*``.
+
+        Keys never carry a DDP ``module.`` prefix (the bare discriminator is used), so checkpoints
+        move between process counts; LPIPS (frozen, rebuilt from its files) is left out.
+        ``load_state_dict`` on the returned module writes into this loss's own tensors.
+        """
+        disc = unwrap(self.discriminator) if self.discriminator is not None else None
+        return _LossState(self.logvar, disc)
+
+    def all_reduce_trainable_grads(self) -> None:
+        """Average :meth:`trainable_parameters`' gradients over processes (no-op without torch.distributed).
+
+        Needed because the logvar lives outside the DDP-wrapped VAE, so nothing else synchronises it.
+        Call after the last backward of an accumulation and before clipping / the optimizer step.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= dist.get_world_size()
+
+    def disc_active(self, step: int) -> bool:
+        """Whether the adversarial terms count at ``step`` (LDM: from ``step >= disc_start`` on)."""
+        return self.discriminator is not None and step >= self.cfg.disc_start
+
+    def _bare_discriminator(self) -> nn.Module:
+        assert self.discriminator is not None
+        return unwrap(self.discriminator)
+
+    @staticmethod
+    def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        # One device→host copy for all log values instead of one synchronising .item() per value.
+        device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), None)
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                               for v in values.values()])
+        return dict(zip(values, stacked.tolist(), strict=True))
+
+    # -- generator (VAE) step ---------------------------------------------------------------------
+
+    def generator_loss(
+        self,
+        images: torch.Tensor,
+        recon: torch.Tensor,
+        posterior_mean: torch.Tensor,
+        posterior_logvar: torch.Tensor,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for the VAE (and logvar) update.
+
+        ``total = nll + kl_weight·KL/D + λ·G_adv`` (see the module docstring; D = 3·H·W). Terms whose
+        weight is 0 are left out of the graph (their value is still logged). The discriminator is
+        frozen while it judges ``recon``: its parameters get no gradient from this loss (so a
+        ``discriminator_loss`` backward in the same iteration is not contaminated), while ``recon``
+        does receive the adversarial gradient.
+
+        Args:
+            images: (B, 3, H, W) targets in [-1, 1].
+            recon: (B, 3, H, W) reconstructions, attached to the VAE's graph.
+            posterior_mean, posterior_logvar: (B, C, h, w) posterior parameters.
+            step: global optimizer step (compared with ``disc_start``).
+            last_layer: the decoder's last weight (:func:`decoder_last_layer` of the unwrapped VAE);
+                required when the adaptive adversarial weight is active.
+
+        Returns:
+            (0-dim fp32 loss, logs): ``loss`` total; ``rec`` unweighted per-element L1/MSE; ``lpips``
+            (if enabled) mean distance; ``nll`` per-element reconstruction term incl. logvar;
+            ``logvar`` (if learned); ``kl`` nats/image; ``kl_bpd`` bits/dim; and, with a discriminator,
+            ``g_adv`` (−mean fake logits, 0 before ``disc_start``) and ``d_weight`` (λ incl.
+            ``disc_weight``, 0 before ``disc_start``).
+        """
+        cfg = self.cfg
+        height, width = images.shape[-2:]
+        dims = images[0].numel()  # D = 3·H·W: converts LDM's per-image sums into per-element means
+        logs: dict[str, torch.Tensor | float] = {}
+
+        # Reconstruction (+ perceptual): LDM's rec_loss, as a per-element mean.
+        with contextlib.nullcontext() if cfg.recon_weight > 0 else torch.no_grad():
+            rec = reconstruction_loss(images, recon, cfg.recon)
+        logs["rec"] = rec
+        nll = cfg.recon_weight * rec if cfg.recon_weight > 0 else rec.new_zeros(())
+        if self.lpips is not None:
+            lp = lpips_distance(self.lpips, images, recon).mean()
+            logs["lpips"] = lp
+            nll = nll + cfg.lpips_weight * lp
+        if self.logvar is not None:
+            # LDM: nll = rec / exp(s) + s with one learned scalar s. For L1 that is the Laplace NLL
+            # with scale b = exp(s) up to log 2 — "logvar" is LDM's name, not a variance.
+            # exp(s) is a scalar, so mean(r/e^s + s) = mean(r)/e^s + s.
+            logvar = self.logvar.float()
+            nll = nll / logvar.exp() + logvar
+            logs["logvar"] = logvar
+        logs["nll"] = nll
+        total = nll
+
+        kl = kl_divergence(posterior_mean, posterior_logvar) if cfg.kl_weight > 0 else None
+        if kl is None:
+            with torch.no_grad():
+                kl_log = kl_divergence(posterior_mean, posterior_logvar)
+        else:
+            kl_log = kl
+            total = total + (cfg.kl_weight / dims) * kl
+        logs["kl"] = kl_log
+        logs["kl_bpd"] = bits_per_dim(kl_log, height, width, images.shape[1])
+
+        if self.discriminator is not None:
+            g_adv = rec.new_zeros(())
+            d_weight = rec.new_zeros(())
+            if self.disc_active(step):
+                disc = self._bare_discriminator()
+                with frozen(disc):
+                    logits_fake = disc(recon)
+                g_adv = generator_adv_loss(logits_fake.float())
+                if cfg.disc_adaptive_weight:
+                    if last_layer is None:
+                        raise ValueError("generator_loss: last_layer is required for the adaptive GAN weight")
+                    d_weight = adaptive_weight(nll, g_adv, last_layer) * cfg.disc_weight
+                else:
+                    d_weight = torch.full((), float(cfg.disc_weight), device=g_adv.device)
+                total = total + d_weight * g_adv
+            logs["g_adv"] = g_adv
+            logs["d_weight"] = d_weight
+        logs = {"loss": total, **logs}
+        return total, self._to_floats(logs)
+
+    # -- discriminator step -----------------------------------------------------------------------
+
+    def discriminator_loss(
+        self, images: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for the discriminator update (hinge or vanilla), on detached reconstructions.
+
+        ``recon`` is detached here, so backpropagating this loss never reaches the VAE (its ``.grad``
+        stays as the generator step left it). Real and fake batches go through the discriminator in
+        separate calls, as in LDM (with BatchNorm each is normalised with its own statistics).
+
+        Before ``disc_start`` (or without a discriminator) the discriminator is not run and the loss
+        is ``0·Σ params``: ``backward()`` works and leaves zero gradients. An optimizer step on those
+        is not a no-op (AdamW still counts steps and applies weight decay), so trainers should skip
+        ``disc_opt.step()`` while :meth:`disc_active` is False.
+
+        Args:
+            images: (B, 3, H, W) real images in [-1, 1].
+            recon: (B, 3, H, W) reconstructions (detached here).
+            step: global optimizer step.
+
+        Returns:
+            (0-dim fp32 loss, logs): ``disc_loss``, ``logits_real``, ``logits_fake`` (mean logits;
+            0 before ``disc_start``).
+        """
+        if not self.disc_active(step):
+            params = list(self.discriminator.parameters()) if self.discriminator is not None else []
+            if params:
+                zero = 0.0 * sum(p.float().sum() for p in params)
+            else:
+                zero = torch.zeros((), device=images.device, requires_grad=True)
+            return zero, {"disc_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
+        disc = self.discriminator  # possibly DDP-wrapped: its gradients must be all-reduced
+        assert disc is not None
+        logits_real = disc(images.detach()).float()
+        logits_fake = disc(recon.detach()).float()
+        d_loss_fn = hinge_d_loss if self.cfg.disc_loss == "hinge" else vanilla_d_loss
+        loss = d_loss_fn(logits_real, logits_fake)
+        logs = {"disc_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        return loss, self._to_floats(logs)

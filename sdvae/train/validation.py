@@ -1,0 +1,68 @@
+"""Training-time validation: PSNR/SSIM of mean reconstructions and an original|reconstruction grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import AutoencoderKL
+
+from sdvae.atomic import atomic_file
+from sdvae.metrics.pixel import psnr, quantize, ssim
+
+if TYPE_CHECKING:
+    pass
+
+
+@torch.no_grad()
+def reconstruction_metrics(vae: AutoencoderKL, batches: Iterable[dict | torch.Tensor], device: torch.device | str,
+                           max_pairs: int = 8) -> tuple[dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Mean PSNR/SSIM of posterior-mean reconstructions (quantized to 8 bits, as a saved PNG would be).
+
+    Args:
+        vae: model in eval mode (fp32).
+        batches: iterable of (B,3,H,W) tensors in [-1,1] or dicts with such a ``"pixels"`` entry.
+        device: where to run the model.
+        max_pairs: how many (original, reconstruction) pairs to return for a preview grid.
+
+    Returns:
+        ({"psnr": dB, "ssim": ..., "images": n}, [(original, recon) (3,H,W) in [0,1]] up to max_pairs).
+    """
+    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": []}
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in batches:
+        images = batch["pixels"] if isinstance(batch, dict) else batch
+        if images is None or len(images) == 0:
+            continue
+        x = images.to(device, torch.float32)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        a, b = quantize(x).cpu(), quantize(recon).cpu()
+        scores["psnr"].append(psnr(a, b))
+        scores["ssim"].append(ssim(a, b))
+        pairs.extend(zip(a, b, strict=True))
+        del pairs[max_pairs:]
+    n = sum(len(s) for s in scores["psnr"])
+    if n == 0:
+        return {"images": 0.0}, pairs
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()} | {"images": float(n)}, pairs
+
+
+def save_comparison_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> torch.Tensor:
+    """Write an original|reconstruction grid (one pair per row) as PNG, atomically.
+
+    Args:
+        pairs: (original, reconstruction) images (3,H,W) in [0,1], all the same size.
+        path: PNG destination.
+
+    Returns:
+        The grid (3,H',W') in [0,1] (e.g. for TensorBoard).
+    """
+    from torchvision.utils import make_grid, save_image
+
+    flat = [img for pair in pairs for img in pair]
+    grid = make_grid(torch.stack(flat), nrow=2, padding=2, pad_value=1.0)
+    with atomic_file(path) as tmp:
+        save_image(grid, tmp, format="png")
+    return grid
