@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -30,3 +31,19 @@ def photo(tmp_path: Path) -> Path:
     path = tmp_path / "photo.png"
     Image.fromarray(make_photo(45, 37)).save(path)
     return path
+
+
+
+@pytest.fixture
+def empty_hub(tmp_path: Path):
+    """torch hub pointed at an empty folder, and any download attempt made to fail loudly."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    with mock.patch("torch.hub.download_url_to_file", no_download), \
+            mock.patch("torch.hub.load_state_dict_from_url", no_download):
+        yield tmp_path / "hub"
+    torch.hub.set_dir(previous)

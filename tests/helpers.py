@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parent.parent  # the repository root
+
 
 def make_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth, photo-like RGB uint8 array (gradients + blobs + a little noise)."""

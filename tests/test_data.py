@@ -1,4 +1,4 @@
-"""sdvae.train.datasets / sdvae.images.sources: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
+"""Image sources and training data: deterministic augmentation, resumable sharded sampling, skipping bad files."""
 
 from __future__ import annotations
 

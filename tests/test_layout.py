@@ -10,12 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdvae"
 
 # Areas from the bottom up: a module may import its own area and the areas of lower ranks only.
 RANKS = {
-    "errors": 0, "atomic": 0, "seeding": 0,
-    "model": 1, "images": 1, "metrics": 1,
-    "codec": 2,
-    "latents": 3,
-    "train": 4, "eval": 4,
-    "cli": 5, "__main__": 6,
+    "errors": 0,
+    "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1,
+    "model": 2, "images": 2, "metrics": 2,
+    "codec": 3,
+    "latents": 4,
+    "train": 5, "eval": 5,
+    "cli": 6, "__main__": 7,
 }
 MAX_LINES = 450
 
@@ -68,7 +69,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return [*path[path.index(n):], n]
             if n not in state and (found := visit(n)):
                 return found
         path.pop()

@@ -16,11 +16,10 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
     from sdvae.images.write import save_image, to_pil
     from sdvae.latents.dataset import LatentDataset
-    from sdvae.latents.export import latent_space_hash
     from sdvae.latents.format import read_dataset_meta
     from sdvae.latents.preview import latent_preview
     from sdvae.latents.scaling import scale_latents
-    from sdvae.model.info import config_dict
+    from sdvae.model.info import config_dict, latent_space_hash
 
     meta = read_dataset_meta(args.latents)
     data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[])

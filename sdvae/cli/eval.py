@@ -29,11 +29,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings.check()
     if args.json and args.json != "-" and Path(args.json).is_dir():
         raise UserError(f"--json {args.json}: is a folder; give a file name")
-    try:
-        source = open_source(args.data, image_column=args.image_column, split=args.split)
-    except UserError as err:  # open_source's hints name the training config keys
-        raise UserError(str(err).replace("set data.split", "pass --split")
-                        .replace("set data.image_column", "pass --image-column")) from None
+    source = open_source(args.data, image_column=args.image_column, split=args.split,
+                         options={"split": "--split", "image_column": "--image-column"})
     ref, codec = codec_from_args(args)
     report = evaluate_source(codec, source, settings, model_ref=ref)
     if args.json == "-":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
-from sdvae.model.dtypes import torch_dtype
+from sdvae.model.dtypes import resolve_dtype, torch_dtype
 from sdvae.model.info import downsample_factor
 
 TILE_MODES = ("auto", "on", "off")
@@ -99,7 +99,8 @@ class Codec:
     Args:
         vae: the model (any dtype; it is kept/cast to fp32 as master).
         device: 'cpu' or 'cuda' (or any torch device string).
-        dtype: 'fp32' | 'fp16' | 'bf16' for the computation.
+        dtype: 'auto' | 'fp32' | 'fp16' | 'bf16' for the computation ('auto': see
+            :func:`sdvae.model.dtypes.resolve_dtype`; ``dtype_name`` says what was chosen).
         tile: 'auto' (tile above a size), 'on' or 'off'.
     """
 
@@ -107,8 +108,8 @@ class Codec:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         self.device = torch.device(device)
-        self.dtype = torch_dtype(dtype)
-        self.dtype_name = dtype
+        self.dtype_name = resolve_dtype(dtype, self.device)
+        self.dtype = torch_dtype(self.dtype_name)
         self.tile = tile
         self.master = vae.to(self.device, torch.float32).eval()
         self.factor = downsample_factor(vae)

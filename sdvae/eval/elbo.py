@@ -29,19 +29,21 @@ Bounds, for K reparameterised draws z_k = mean + exp(logvar/2)·ε_k and log-wei
 Both are lower bounds of log p(x) in nats; reported as ``−bound / (D · ln 2)`` bits/dim they are
 upper bounds of the negative log-likelihood, so there the IW figure is the *smaller* one. The ELBO
 splits into distortion ``−(1/K) Σ log p(x|z_k)`` and rate ``(1/K) Σ [log q(z_k|x) − log p(z_k)]``
-(the Monte-Carlo KL); the closed-form KL (:func:`sdvae.train.losses.kl_divergence`) is reported beside it.
+(the Monte-Carlo KL); the closed-form KL (:func:`sdvae.metrics.information.gaussian_kl`) is reported beside it.
 All of this is float64: the sums run over hundreds of thousands of terms.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from sdvae.metrics.information import bits_per_dim, gaussian_kl
+from sdvae.seeding import seeded_generator
 
 if TYPE_CHECKING:  # the likelihood itself is plain torch; only bound_terms needs a model
     from sdvae.codec.codec import Codec, Encoded
@@ -102,8 +104,7 @@ def log_likelihood_per_image(x: torch.Tensor, recon: torch.Tensor, sigmas: Seque
 
 def image_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator private to one image, so its draws do not depend on batch size, order or --limit."""
-    digest = hashlib.blake2b(f"sdvae-elbo:{seed}:{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return seeded_generator("sdvae-elbo", seed, index)
 
 
 @dataclass
@@ -179,13 +180,9 @@ def bound_terms(codec: Codec, x: torch.Tensor, enc: Encoded, sigmas: Sequence[fl
         # (z − mean)²/var is ε² exactly: use it rather than recomputing it with rounding error.
         log_q = log_q_const - 0.5 * eps_k.square().flatten(1).sum(1)
         log_ratio.append(log_p - log_q)
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+    kl = gaussian_kl(mean, logvar)
     return BoundTerms(torch.stack(log_px), torch.stack(log_ratio), kl, dims=x.shape[1] * x.shape[2] * x.shape[3])
 
-
-def to_bits_per_dim(nats: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
-    """A log-probability bound in nats → −bound / (D · ln 2), bits per subpixel (≥ 0 for a probability)."""
-    return -nats / (dims * math.log(2.0))
 
 
 def summarize_bounds(elbo: torch.Tensor, iw: torch.Tensor, distortion: torch.Tensor, rate: torch.Tensor,
@@ -204,7 +201,7 @@ def summarize_bounds(elbo: torch.Tensor, iw: torch.Tensor, distortion: torch.Ten
         ELBO and IW bounds in bits/dim, their parts, mean nats per image, and the mean ELBO for every grid σ.
     """
     dims = dims.double()[:, None]
-    elbo_bpd = to_bits_per_dim(elbo, dims)  # (N,S)
+    elbo_bpd = bits_per_dim(-elbo, dims)  # (N,S)
     curve = elbo_bpd.mean(0)
     best = int(torch.argmin(curve))  # smallest bits/dim = largest mean ELBO
 
@@ -218,10 +215,10 @@ def summarize_bounds(elbo: torch.Tensor, iw: torch.Tensor, distortion: torch.Ten
         "sigma_rule": (f"fitted: the grid value with the best mean ELBO ({len(sigmas)} log-spaced values "
                        f"{sigmas[0]:.5g}..{sigmas[-1]:.5g} on the [-1,1] scale)" if fitted else "fixed (--sigma)"),
         "elbo_bpd": stats(elbo_bpd[:, best]),
-        "iw_bpd": stats(to_bits_per_dim(iw[:, best], dims[:, 0])),
-        "distortion_bpd": stats(to_bits_per_dim(-distortion[:, best], dims[:, 0])),
-        "rate_bpd": stats(to_bits_per_dim(-rate, dims[:, 0])),
-        "kl_closed_form_bpd": stats(to_bits_per_dim(-kl, dims[:, 0])),
+        "iw_bpd": stats(bits_per_dim(-iw[:, best], dims[:, 0])),
+        "distortion_bpd": stats(bits_per_dim(distortion[:, best], dims[:, 0])),
+        "rate_bpd": stats(bits_per_dim(rate, dims[:, 0])),
+        "kl_closed_form_bpd": stats(bits_per_dim(kl, dims[:, 0])),
         "elbo_nats": float(elbo[:, best].mean()),
         "iw_nats": float(iw[:, best].mean()),
         "curve": [{"sigma": s, "elbo_bpd": float(v)} for s, v in zip(sigmas, curve, strict=True)],

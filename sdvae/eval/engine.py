@@ -20,16 +20,13 @@ from torch.utils.data import Dataset
 
 from sdvae.errors import UserError
 from sdvae.eval.metric_models import load_fid_metric, load_lpips_metric
+from sdvae.images.resize import center_crop, resize_shorter
 from sdvae.metrics.pixel import psnr, quantize, ssim
 
 if TYPE_CHECKING:
     from sdvae.codec.codec import Codec
     from sdvae.images.sources import ImageSource
 
-
-# --------------------------------------------------------------------------------------------------
-# `sdvae eval`: a model-card reconstruction table row for any VAE and image collection
-# --------------------------------------------------------------------------------------------------
 
 EVAL_FORMAT = "sdvae-eval/1"
 MAX_SKIPPED_LISTED = 20
@@ -92,7 +89,7 @@ class EvalSettings:
         return f"shorter side resized to {self.resolution} (bicubic, antialiased){crop}"
 
 
-def preprocess(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
+def apply_protocol(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
     """Apply the protocol's resize/crop and round to the 8-bit grid (the data whose likelihood is scored).
 
     Args:
@@ -103,8 +100,6 @@ def preprocess(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
         (3,H',W') float32 in [-1, 1], values v/127.5 − 1 for integer v (a resized image is re-quantized
         as if saved as an 8-bit file, so model, metrics and likelihood all see the same 8-bit image).
     """
-    from sdvae.images.resize import center_crop, resize_shorter
-
     if settings.resolution is not None:
         image = resize_shorter(image, settings.resolution)
         if settings.center_crop:
@@ -113,7 +108,7 @@ def preprocess(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
 
 
 class _EvalItems(Dataset):
-    """Source images after :func:`preprocess`; a bad image becomes an item with an ``error``."""
+    """Source images after :func:`apply_protocol`; a bad image becomes an item with an ``error``."""
 
     def __init__(self, source: ImageSource, count: int, settings: EvalSettings):
         self.source, self.count, self.settings = source, count, settings
@@ -124,7 +119,7 @@ class _EvalItems(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.source.name(i)
         try:
-            pixels = preprocess(self.source.load(i), self.settings)
+            pixels = apply_protocol(self.source.load(i), self.settings)
         except UserError as err:
             return {"index": i, "name": name, "pixels": None, "error": str(err)}
         if min(pixels.shape[-2:]) < MIN_SIDE:
@@ -189,7 +184,8 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     from tqdm import tqdm
 
     import sdvae
-    from sdvae.eval.elbo import SIGMA_GRID, bound_terms, image_generator, summarize_bounds, to_bits_per_dim
+    from sdvae.eval.elbo import SIGMA_GRID, bound_terms, image_generator, summarize_bounds
+    from sdvae.metrics.information import bits_per_dim
     from sdvae.metrics.lpips import lpips_distance
     from sdvae.model.info import config_hash, describe
 
@@ -265,8 +261,8 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     best = bounds.pop("sigma_index")
     metrics["elbo"] = {"available": True, "iw_samples": settings.iw_samples, **bounds}
 
-    elbo_bpd = to_bits_per_dim(data["elbo"][:, best], data["dims"])
-    iw_bpd = to_bits_per_dim(data["iw"][:, best], data["dims"])
+    elbo_bpd = bits_per_dim(-data["elbo"][:, best], data["dims"])
+    iw_bpd = bits_per_dim(-data["iw"][:, best], data["dims"])
     per_image = []
     for i, name in enumerate(names):
         row = {"name": name, "psnr": float(data["psnr"][i]), "ssim": float(data["ssim"][i]),

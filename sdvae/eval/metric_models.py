@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from sdvae.errors import UserError
+from sdvae.errors import MissingWeights, UserError, first_line
+from sdvae.local_weights import find_local_weights
 
-if TYPE_CHECKING:
-    pass
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (TF 2015 port)
 
 
@@ -39,22 +37,13 @@ def load_lpips_metric(net: str, weights: str = "") -> tuple[nn.Module | None, st
         UserError: an explicit ``weights`` file is missing or unusable (a typo should not silently
             drop a column from a long run), or ``net`` is unknown.
     """
-    from sdvae.metrics.lpips import build_lpips, lpips_backbone_cache_path, lpips_backbone_url
+    from sdvae.metrics.lpips import build_lpips, lpips_backbone_cache_path
 
-    url = lpips_backbone_url(net)
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"--lpips-weights {path}: no such file (expected torchvision's {Path(url).name})")
-    else:
-        path = lpips_backbone_cache_path(net)
-        if not path.is_file():
-            return None, (f"LPIPS-{net} backbone weights {path.name} are not in the torch hub cache ({path}) and are "
-                          f"never downloaded at run time; download {url} there or pass --lpips-weights PATH")
     try:
-        model = build_lpips(net, str(path))
-    except UserError as err:
-        raise UserError(str(err).replace("loss.lpips_weights", "--lpips-weights")) from None
+        model = build_lpips(net, weights, option="--lpips-weights")
+    except MissingWeights as err:
+        return None, str(err)
+    path = Path(weights).expanduser() if weights else lpips_backbone_cache_path(net)
     return model, f"LPIPS {net} (lpips package linear layers), backbone {path} sha256:{_sha256_prefix(path)}"
 
 
@@ -76,17 +65,11 @@ def load_fid_metric(weights: str = "") -> tuple[nn.Module | None, str]:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as err:
         return None, f"torch-fidelity/torchmetrics not importable ({err}); pip install 'torch-fidelity>=0.3'"
-    if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE} from "
-                            f"{URL_INCEPTION_V3})")
-    else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-        if not path.is_file():
-            return None, (f"FID Inception weights {INCEPTION_FILE} are not in the torch hub cache ({path}) and are "
-                          f"never downloaded at run time; download {URL_INCEPTION_V3} there or pass "
-                          "--inception-weights PATH")
+    try:
+        path = find_local_weights(weights, INCEPTION_FILE, URL_INCEPTION_V3, option="--inception-weights",
+                                  what="FID Inception")
+    except MissingWeights as err:
+        return None, str(err)
     try:
         # Checked with weights_only=True first: torch-fidelity itself unpickles with weights_only=False.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -94,7 +77,6 @@ def load_fid_metric(weights: str = "") -> tuple[nn.Module | None, str]:
             raise TypeError(f"a {type(state).__name__}, not a state dict")
         metric = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(path))
     except Exception as err:  # corrupt file, other architecture: many exception types, one meaning
-        msg = str(err).strip().splitlines()
         raise UserError(f"--inception-weights {path}: not torch-fidelity's Inception state dict "
-                        f"({msg[0][:200] if msg else type(err).__name__})") from None
+                        f"({first_line(err)})") from None
     return metric, f"torch-fidelity InceptionV3 pool3 (2048-d), {path} sha256:{_sha256_prefix(path)}"

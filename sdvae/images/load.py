@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdvae.errors import UserError
+from sdvae.errors import UserError, first_line
 
 PathLike = str | os.PathLike
 
@@ -197,7 +197,7 @@ def _probe_size(name: str) -> tuple[int, int]:
         with Image.open(name) as img:
             return img.size
     except Exception as err:
-        raise UserError(f"{name}: not a readable image ({_describe(err)})") from None
+        raise UserError(f"{name}: not a readable image ({first_line(err, with_type=True)})") from None
 
 
 def _decode(name: str, *, check_size: bool = True) -> LoadedImage:
@@ -211,11 +211,11 @@ def _decode(name: str, *, check_size: bool = True) -> LoadedImage:
             raise UserError(f"{name}: not an image file, or a format Pillow cannot read") from None
         except OSError as err:
             if err.errno is not None:  # the OS refused (permissions, I/O error, ...)
-                raise UserError(f"{name}: cannot read ({err.strerror or _describe(err)})") from None
+                raise UserError(f"{name}: cannot read ({err.strerror or first_line(err, with_type=True)})") from None
             # Pillow's own OSErrors here mean the header itself is cut short or damaged.
-            raise UserError(f"{name}: truncated or corrupt image file ({_describe(err)})") from None
+            raise UserError(f"{name}: truncated or corrupt image file ({first_line(err, with_type=True)})") from None
         except Exception as err:  # corrupt headers surface as SyntaxError, ValueError, struct.error, ...
-            raise UserError(f"{name}: corrupt image header ({_describe(err)})") from None
+            raise UserError(f"{name}: corrupt image header ({first_line(err, with_type=True)})") from None
         with img:
             limit = Image.MAX_IMAGE_PIXELS
             if check_size and limit is not None and img.width * img.height > limit:
@@ -260,7 +260,7 @@ def _convert(img: Image.Image, notes: list[str]) -> np.ndarray:
     except MemoryError:
         raise UserError(f"not enough memory to decode this {img.width}×{img.height} image") from None
     except Exception as err:
-        raise UserError(f"truncated or corrupt image data ({_describe(err)})") from None
+        raise UserError(f"truncated or corrupt image data ({first_line(err, with_type=True)})") from None
     if frames > 1:
         notes.append(f"first of {frames} frames used")
     try:
@@ -271,17 +271,12 @@ def _convert(img: Image.Image, notes: list[str]) -> np.ndarray:
     except MemoryError:
         raise UserError(f"not enough memory to convert this {img.width}×{img.height} image") from None
     except Exception as err:
-        raise UserError(f"cannot convert {img.mode} image to RGB ({_describe(err)})") from None
+        raise UserError(f"cannot convert {img.mode} image to RGB ({first_line(err, with_type=True)})") from None
 
 
 def _loaded(rgb: np.ndarray, notes: list[str]) -> LoadedImage:
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous().mul_(2).sub_(1)
     return LoadedImage(tensor=tensor, size=(rgb.shape[1], rgb.shape[0]), notes=notes)
-
-
-def _describe(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _source_bits(img: Image.Image) -> int:

@@ -1,19 +1,28 @@
-"""Resizing and cropping image tensors: the one implementation every area uses."""
+"""Resizing and cropping image tensors: the one implementation every area uses.
+
+Every resize is antialiased bicubic (aliasing would teach a VAE moiré and bias metrics), computed in
+fp32 and clamped to [-1, 1] because bicubic overshoots.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------
-# Augmentation and datasets
-# --------------------------------------------------------------------------------------------------
+
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (…,3,H,W) in [-1,1] to exactly ``size`` = (H', W'); float32, clamped to [-1,1]."""
+    import torch.nn.functional as F
+
+    batched = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batched.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    out = out.clamp_(-1, 1)
+    return out if image.dim() == 4 else out[0]
 
 
 def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is exactly ``size`` (aspect kept), antialiased bicubic.
+    """Resize so the shorter side is exactly ``size``, aspect kept.
 
     Args:
         image: (3,H,W) float in [-1,1].
@@ -29,34 +38,36 @@ def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
         nh, nw = size, max(size, round(w * size / h))
     else:
         nh, nw = max(size, round(h * size / w)), size
-    # Antialias matters when shrinking (aliasing would teach the VAE moiré); bicubic overshoots, so clamp.
-    out = F.interpolate(image[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    return out[0].clamp_(-1, 1)
+    return resize_to(image, (nh, nw))
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3,H,W) → (3,size,size) from the middle (H,W >= size)."""
-    h, w = image.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[:, top:top + size, left:left + size]
+def cover_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (H', W') with the aspect of (height, width) that covers ``target`` = (H, W)."""
+    th, tw = target
+    scale = max(th / height, tw / width)
+    return max(th, math.ceil(height * scale - 1e-9)), max(tw, math.ceil(width * scale - 1e-9))
+
+
+def center_offsets(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of a centered ``crop`` = (h, w) inside a height×width image."""
+    return (height - crop[0]) // 2, (width - crop[1]) // 2
+
+
+def center_crop(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(…,H,W) → (…,h,w) from the middle, ``size`` = side or (h, w) with h ≤ H, w ≤ W."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+    top, left = center_offsets(*image.shape[-2:], (ch, cw))
+    return image[..., top:top + ch, left:left + cw]
 
 
 def fit_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize an image to cover (H, W) with its aspect kept (antialiased bicubic), then center-crop to (H, W).
+    """Resize to cover ``size`` = (H, W) with the aspect kept, then center-crop to exactly (H, W).
 
     Args:
-        image: (1,3,h,w) in [-1, 1].
+        image: (1,3,h,w) or (3,h,w) in [-1, 1].
         size: (H, W) target.
 
     Returns:
-        (1,3,H,W) in [-1, 1] (clamped: bicubic overshoots).
+        The same rank, (…,3,H,W) in [-1, 1].
     """
-    import torch.nn.functional as F
-
-    height, width = size
-    h, w = image.shape[-2:]
-    scale = max(height / h, width / w)
-    nh, nw = max(height, math.ceil(h * scale - 1e-9)), max(width, math.ceil(w * scale - 1e-9))
-    out = F.interpolate(image.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return out[..., top:top + height, left:left + width].clamp(-1, 1)
+    return center_crop(resize_to(image, cover_size(*image.shape[-2:], size)), size)

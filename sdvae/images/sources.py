@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdvae.errors import UserError
+from sdvae.errors import UserError, first_line
 from sdvae.images.load import image_to_tensor, is_image_file, load_image
 
 # Files the datasets library writes next to the arrow shards of `save_to_disk`.
@@ -31,9 +31,16 @@ _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 _GLOB_CHARS = set("*?[")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+# How the user of the training config names the choices open_source may find missing.
+TRAINING_OPTIONS = {"split": "data.split", "image_column": "data.image_column"}
+
+
+class _ChoiceError(UserError):
+    """A split or column that does not exist; :func:`open_source` adds the option that sets it."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 class ImageSource(Sequence):
@@ -126,7 +133,7 @@ class FolderSource(ImageSource):
         except UserError:
             raise
         except Exception as err:  # a decoder bug on one odd file must not end a long run
-            raise UserError(f"{path}: unreadable image ({type(err).__name__}: {_first_line(err)})") from None
+            raise UserError(f"{path}: unreadable image ({first_line(err, with_type=True)})") from None
 
     def name(self, i: int) -> str:
         return self.files[self._check(i)]
@@ -160,8 +167,8 @@ class DatasetSource(ImageSource):
         import datasets
 
         if column not in dataset.column_names:
-            raise UserError(f"{ref}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
-                            "set data.image_column")
+            raise _ChoiceError(f"{ref}: no column {column!r} (columns: {', '.join(dataset.column_names)})",
+                               "image_column")
         others = [c for c in dataset.column_names if c != column]
         carry = tuple(others if carry is None else carry)
         missing = [c for c in carry if c not in others]
@@ -193,7 +200,7 @@ class DatasetSource(ImageSource):
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-            raise UserError(f"{where}: unreadable image ({type(err).__name__}: {_first_line(err)})") from None
+            raise UserError(f"{where}: unreadable image ({first_line(err, with_type=True)})") from None
 
     def name(self, i: int) -> str:
         return f"{self.ref}[{i}]"
@@ -248,7 +255,7 @@ def _load_hf(loader: Any, ref: str, what: str) -> Any:
     except UserError:
         raise
     except Exception as err:
-        raise UserError(f"{ref}: cannot load {what} ({type(err).__name__}: {_first_line(err)})") from None
+        raise UserError(f"{ref}: cannot load {what} ({first_line(err, with_type=True)})") from None
 
 
 def _pick_split(obj: Any, ref: str, split: str) -> Any:
@@ -256,7 +263,7 @@ def _pick_split(obj: Any, ref: str, split: str) -> Any:
 
     if isinstance(obj, (datasets.DatasetDict, dict)):
         if split not in obj:
-            raise UserError(f"{ref}: no split {split!r} (splits: {', '.join(obj)}); set data.split")
+            raise _ChoiceError(f"{ref}: no split {split!r} (splits: {', '.join(obj)})", "split")
         return obj[split]
     return obj
 
@@ -277,7 +284,8 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def open_source(ref: str, image_column: str = "image", split: str = "train",
-                cache_dir: str | None = None, carry: Sequence[str] | None = ()) -> ImageSource:
+                cache_dir: str | None = None, carry: Sequence[str] | None = (),
+                options: Mapping[str, str] = TRAINING_OPTIONS) -> ImageSource:
     """Open an image collection by reference.
 
     Args:
@@ -291,6 +299,7 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
         cache_dir: ``datasets`` cache folder for parquet/hub loading (None: the library default).
         carry: other dataset columns to expose through ``extras(i)`` (captions, labels); None: all of
             them; ``()`` (the default, training): none. Image folders have no columns: naming one is an error.
+        options: how the caller's user sets ``split`` and ``image_column`` (named in errors).
 
     Returns:
         An :class:`ImageSource` with at least one item.
@@ -300,6 +309,19 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
     """
     if not ref:
         raise UserError("no data source given: set an image folder, a parquet file or a datasets name")
+    try:
+        source = _open(ref, image_column, split, cache_dir, carry)
+    except _ChoiceError as err:
+        raise UserError(f"{err}; set {options[err.option]}") from None
+    if carry and isinstance(source, FolderSource):
+        raise UserError(f"{ref}: an image folder has no columns to carry ({', '.join(carry)})")
+    if len(source) == 0:
+        raise UserError(f"{ref}: contains no images")
+    return source
+
+
+def _open(ref: str, image_column: str, split: str, cache_dir: str | None,
+          carry: Sequence[str] | None) -> ImageSource:
     if _GLOB_CHARS & set(ref):
         files = sorted(glob.glob(str(Path(ref).expanduser()), recursive=True))
         if not files:
@@ -319,10 +341,6 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
             raise UserError(f"{ref}: no such file or folder")
         else:
             source = _open_hub(ref, image_column, split, cache_dir, carry)
-    if carry and isinstance(source, FolderSource):
-        raise UserError(f"{ref}: an image folder has no columns to carry ({', '.join(carry)})")
-    if len(source) == 0:
-        raise UserError(f"{ref}: contains no images")
     return source
 
 
@@ -351,6 +369,6 @@ def _open_hub(name: str, column: str, split: str, cache_dir: str | None,
     except Exception as err:
         raise UserError(
             f"{name}: not a local path, and hub dataset {name!r} (split {split!r}) could not be loaded "
-            f"({type(err).__name__}: {_first_line(err)}); offline, pass a local image folder, "
+            f"({first_line(err, with_type=True)}); offline, pass a local image folder, "
             "save_to_disk folder or parquet file instead") from None
     return DatasetSource(_pick_split(ds, name, split), column, name, "hub dataset", carry)

@@ -29,7 +29,6 @@ Decoding, resizing and cropping happen in DataLoader workers, overlapped with th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdvae.errors import UserError
-from sdvae.images.resize import resize_shorter
+from sdvae.images.resize import center_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
 from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
 from sdvae.latents.shards import (
@@ -61,13 +60,12 @@ from sdvae.latents.shards import (
     write_json,
     write_shard,
 )
+from sdvae.model.info import SCALING_KEYS, latent_space_hash, weights_hash
 from sdvae.seeding import seeded_generator
 
 STORES = ("mean_logvar", "mean", "sample")
 CROPS = ("center", "random", "none")
-SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 # Test hook: seconds to sleep after each batch, so a test can kill a run mid-shard deterministically.
-DELAY_ENV = "SDVAE_ENCODE_TEST_DELAY"
 
 
 @dataclass
@@ -108,27 +106,12 @@ def dist_env() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def latent_space_hash(config: dict[str, Any]) -> str:
-    """Hash of a VAE config without its scaling keys: what unscaled latents depend on."""
-    blob = json.dumps({k: v for k, v in config.items() if k not in SCALING_KEYS}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def weights_hash(vae: torch.nn.Module) -> str:
-    """Hash of the weights (two checkpoints of one architecture must not share a resumed output)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------------------------------
 # Preprocessing (runs in DataLoader workers)
 # --------------------------------------------------------------------------------------------------
 
 
-def preprocess(image: torch.Tensor, resolution: int, crop: str, factor: int,
+def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: int,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
     """Resize and crop one image for encoding.
 
@@ -154,14 +137,14 @@ def preprocess(image: torch.Tensor, resolution: int, crop: str, factor: int,
         ch, cw = h - h % factor, w - w % factor
         if not ch or not cw:
             raise UserError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor})")
-        top, left = (h - ch) // 2, (w - cw) // 2
+        top, left = center_offsets(h, w, (ch, cw))
     else:
         ch = cw = resolution
         if crop == "random":
             top = int(torch.randint(h - ch + 1, (1,), generator=generator))
             left = int(torch.randint(w - cw + 1, (1,), generator=generator))
         else:
-            top, left = (h - ch) // 2, (w - cw) // 2
+            top, left = center_offsets(h, w, (ch, cw))
     pixels = image[:, top:top + ch, left:left + cw].float().contiguous()
     return pixels, [int(h), int(w)], [int(top), int(left), int(ch), int(cw)]
 
@@ -181,7 +164,7 @@ class _Items(Dataset):
         try:
             image = src.load(index)
             generator = seeded_generator(self.seed, "encode-crop", index) if self.crop == "random" else None
-            pixels, resized, box = preprocess(image, self.resolution, self.crop, self.factor, generator)
+            pixels, resized, box = crop_for_encoding(image, self.resolution, self.crop, self.factor, generator)
         except UserError as err:  # unreadable: reported, never fatal
             item["error"] = str(err)
             return item
@@ -369,7 +352,6 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
     """Encode the batches; hand each shard to the writer thread as soon as its last batch is encoded."""
     rows: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
     skipped: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
-    delay = float(os.environ.get(DELAY_ENV, 0) or 0)
     for batch in batches:
         k = batch["first"] // opts.shard_size
         _encode_batch(codec, batch, opts.store, opts.dtype, opts.seed)
@@ -390,8 +372,6 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
             while len(writing) > 2:
                 writing.popleft().result()
         bar.update(len(items))
-        if delay:
-            time.sleep(delay)
 
 
 def _write_finished_shard(out: Path, k: int, rows: list[dict[str, Any]], skipped: list[dict[str, Any]],

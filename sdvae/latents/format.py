@@ -12,10 +12,6 @@ import torch
 
 from sdvae.errors import UserError
 
-# --------------------------------------------------------------------------------------------------
-# Latent datasets written by `sdvae encode-dataset` (see sdvae.latents.export for the writer)
-# --------------------------------------------------------------------------------------------------
-
 DATASET_FORMAT = "sdvae-latent-dataset/1"
 DATASET_META = "sdvae_latents.json"  # written last: its presence means the dataset is complete
 ENCODE_ARGS = "sdvae_encode_args.json"  # written first: the arguments a resumed run must repeat

@@ -10,23 +10,15 @@ network is built, so importing this module (or :mod:`sdvae.train.losses`) stays 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
-from torch import nn
-
-from sdvae.errors import UserError
-
-if TYPE_CHECKING:
-    pass
-
 import os
 import warnings
 from pathlib import Path
 
-# --------------------------------------------------------------------------------------------------
-# LPIPS
-# --------------------------------------------------------------------------------------------------
+import torch
+from torch import nn
+
+from sdvae.errors import UserError, first_line
+from sdvae.local_weights import find_local_weights, hub_cache_path
 
 
 def lpips_distance(model: nn.Module, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -76,13 +68,7 @@ def lpips_backbone_url(net: str) -> str:
 
 def lpips_backbone_cache_path(net: str) -> Path:
     """Where torch hub keeps that file: ``torch.hub.get_dir()/checkpoints/<file name of the URL>``."""
-    name = os.path.basename(lpips_backbone_url(net))
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:200]
+    return hub_cache_path(os.path.basename(lpips_backbone_url(net)))
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +80,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable/corrupt files raise many types; all mean "not usable"
-        raise UserError(f"{path}: cannot read LPIPS backbone weights ({_first_line(err)})") from None
+        raise UserError(f"{path}: cannot read LPIPS backbone weights ({first_line(err)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -131,7 +117,8 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
 
 
 def build_lpips(
-    net: str = "vgg", weights_path: str | os.PathLike[str] = "", random_backbone: bool = False
+    net: str = "vgg", weights_path: str | os.PathLike[str] = "", random_backbone: bool = False,
+    option: str = "--loss.lpips_weights",
 ) -> nn.Module:
     """A frozen ``lpips.LPIPS`` module, built without ever touching the network.
 
@@ -148,24 +135,15 @@ def build_lpips(
             or ``.safetensors``); a full LPIPS state dict also works and then overrides the linear layers.
         random_backbone: skip the backbone weights and keep a randomly initialised one (tests only:
             the distance is then not perceptual).
+        option: how the caller's user passes ``weights_path`` (named in errors).
 
     Raises:
-        UserError: unknown ``net``, missing or unreadable weights.
+        MissingWeights: no ``weights_path`` and the torch hub cache lacks the backbone.
+        UserError: unknown ``net``, a missing ``weights_path``, unreadable weights.
     """
     url = lpips_backbone_url(net)  # validates net
-    source: Path | None = None
-    if not random_backbone:
-        if weights_path:
-            source = Path(weights_path).expanduser()
-            if not source.is_file():
-                raise UserError(f"loss.lpips_weights: {source} does not exist (expected torchvision's "
-                                f"{os.path.basename(url)} from {url})")
-        else:
-            source = lpips_backbone_cache_path(net)
-            if not source.is_file():
-                raise UserError(f"LPIPS-{net} needs the ImageNet backbone weights {source.name}, which are not in "
-                                f"the torch hub cache and are never downloaded at run time: download {url} to "
-                                f"{source}, or set --loss.lpips_weights=/path/to/{source.name}")
+    source = None if random_backbone else find_local_weights(
+        weights_path, os.path.basename(url), url, option=option, what=f"LPIPS-{net} backbone")
     import lpips
 
     with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` interface

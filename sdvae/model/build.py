@@ -8,7 +8,7 @@ from sdvae.errors import UserError
 from sdvae.model.info import config_dict
 from sdvae.model.presets import PRESETS
 
-if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
+if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     import torch
     from diffusers import AutoencoderKL
 

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sdvae.errors import UserError
 from sdvae.model.save import check_ldm_target, write_ldm
-
-if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
-    pass
 
 
 def convert(ref: str | os.PathLike[str], out: str | os.PathLike[str], to: str = "diffusers",

@@ -6,9 +6,13 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
+if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     import torch
     from diffusers import AutoencoderKL
+
+
+# The config keys that map a VAE's own latents to the diffusion space (none changes the latents).
+SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 
 def config_dict(vae: AutoencoderKL) -> dict[str, Any]:
@@ -56,3 +60,20 @@ def describe(vae: AutoencoderKL) -> dict[str, Any]:
         "dtype": str(next(vae.parameters()).dtype).replace("torch.", ""),
         "config_hash": config_hash(vae),
     }
+
+
+def latent_space_hash(config: dict[str, Any]) -> str:
+    """Hash of a VAE config without its scaling keys: what unscaled latents depend on."""
+    blob = json.dumps({k: v for k, v in config.items() if k not in SCALING_KEYS}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def weights_hash(vae: torch.nn.Module) -> str:
+    """Hash of the weights (two checkpoints of one architecture must not share a resumed output)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -8,11 +8,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sdvae.errors import UserError
+from sdvae.errors import UserError, first_line
 from sdvae.model.build import build_preset, regroup_norms, with_weights
 from sdvae.model.presets import PRESETS
 
-if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
+if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     from diffusers import AutoencoderKL
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -29,7 +29,7 @@ def _load_diffusers_folder(path: Path) -> AutoencoderKL:
     try:
         return AutoencoderKL.from_pretrained(folder).float().eval()
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
-        raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({_first_line(err)})") from None
+        raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({first_line(err)})") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -70,14 +70,9 @@ def _load_hub(ref: str) -> AutoencoderKL:
         try:
             return AutoencoderKL.from_pretrained(ref, subfolder=subfolder).eval()
         except Exception as err:  # hub errors come in many types; all mean "not loadable"
-            errors.append(_first_line(err))
+            errors.append(first_line(err))
     raise UserError(f"cannot load '{ref}' from the Hugging Face Hub ({errors[-1]}); "
                     f"pass a local folder instead, e.g. --model /path/to/{name}")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
 
 
 def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
-    pass
+from typing import Any
 
 _SD_BLOCKS = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -58,13 +55,9 @@ PRESETS: dict[str, Preset] = {
         "small f8c4 VAE that trains on 2 CPU cores (the embedded checkpoint's architecture)",
         {**_SD_BLOCKS, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
          "sample_size": 256, "scaling_factor": 0.18215, "force_upcast": False,
-         # Attention trained on 8x8 latents does not carry over to full-size images (measured).
-         "mid_block_add_attention": False,
-         # 4 to 16 channels per group, as SD's 128-512 channels in 32 groups. With 32 groups the
-         # 32-channel layers normalise each channel on its own and remove its image-wide mean (an overall
-         # colour): Kodak's red door (kodim02) came back at 20.4 dB with 32 groups, 27.3 dB after
-         # regrouping and 1,000 steps (checkpoints/sdvae-tiny-f8c4/README.md).
-         "norm_num_groups": 8},
+         # No mid-block attention and 8 norm groups: why, measured, is in the model card
+         # (checkpoints/sdvae-tiny-f8c4/README.md).
+         "mid_block_add_attention": False, "norm_num_groups": 8},
     ),
     "test": Preset(
         "micro f8c4 VAE for unit tests (with mid-block attention)",

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays 
     from diffusers import AutoencoderKL
 
 
-if TYPE_CHECKING:  # torch/diffusers load lazily so `import sdvae.model.load` stays cheap
+if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     from diffusers import AutoencoderKL
 
 
@@ -63,6 +63,8 @@ def write_ldm(vae: AutoencoderKL, path: str | os.PathLike[str], dtype: str = "fp
     with atomic_file(out) as tmp:
         save_file(ldm, tmp, metadata=metadata)
     return out
+
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 

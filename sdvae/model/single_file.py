@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdvae.errors import UserError
+from sdvae.errors import UserError, first_line
 from sdvae.model.ldm_keys import diffusers_to_ldm, infer_config_from_ldm, ldm_to_diffusers, name_keys
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
@@ -36,11 +36,6 @@ CONFIG_METADATA_KEY = "sdvae_config"
 _DIFFUSERS_MARKERS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_norm_out.")
 
 
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """VAE tensors (prefix removed) and the metadata of a .safetensors file; only VAE tensors are read."""
     from safetensors import safe_open
@@ -53,7 +48,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except UserError:
         raise
     except Exception as err:  # SafetensorError, OSError, ...: all mean "this file cannot be read"
-        raise UserError(f"{path}: not a readable .safetensors file ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable .safetensors file ({first_line(err)})") from None
 
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
@@ -75,7 +70,7 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
             raise UserError(f"{path}: refused: loading it needs unsafe unpickling ({what}); only tensor checkpoints "
                             "that torch.load(weights_only=True) accepts are read") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint "
-                        f"({type(err).__name__}: {_first_line(err)})") from None
+                        f"({first_line(err, with_type=True)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning/LDM training checkpoints nest the weights
     if not isinstance(obj, dict):
@@ -98,13 +93,6 @@ def _vae_keys(keys: list[str]) -> dict[str, str]:
         if inside:
             return inside
     return {k: k for k in keys if not k.startswith(_TRAINING_PREFIXES)}
-
-
-def _first_line(err: BaseException) -> str:
-    """The first sentence of an exception's message (library messages run to paragraphs)."""
-    lines = str(err).strip().splitlines()
-    first = lines[0].split(". ")[0] if lines else type(err).__name__
-    return first[:300]
 
 
 def _config_from_metadata(metadata: dict[str, str], inferred: dict[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from torch import nn
-
-if TYPE_CHECKING:
-    pass
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
 
 from sdvae.atomic import atomic_file
 from sdvae.metrics.pixel import psnr, quantize, ssim
-
-if TYPE_CHECKING:
-    pass
 
 
 @torch.no_grad()

@@ -16,18 +16,21 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_photo
+from helpers import REPO, make_photo
 from sdvae.cli.main import main
 from sdvae.codec.codec import Codec
 from sdvae.errors import UserError
 from sdvae.images.sources import open_source
 from sdvae.latents.dataset import LatentDataset
-from sdvae.latents.export import DELAY_ENV, EncodeOptions, preprocess, run_encode
+from sdvae.latents.export import EncodeOptions, crop_for_encoding, run_encode
 from sdvae.latents.format import read_dataset_meta, stored_to_tensor
 from sdvae.model.build import build_preset
 from sdvae.seeding import seeded_generator
 
-REPO = Path(__file__).resolve().parent.parent
+# `sdvae ARGS` with every batch slowed down, so a test can kill the job between two shards.
+SLOW_CLI = ("import sys, time; import sdvae.latents.export as e; encode = e._encode_batch; "
+            "e._encode_batch = lambda *a, **k: (time.sleep(0.4), encode(*a, **k))[1]; "
+            "from sdvae.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _save(path: Path, width: int, height: int, seed: int) -> None:
@@ -91,7 +94,7 @@ def test_folder_one_row_per_readable_input(images: Path, tmp_path: Path) -> None
     codec = Codec(build_preset("test"))
     for row in rows[:4]:  # the stored posterior is the model's, on the documented preprocessing
         image = source.load(row["index"])
-        pixels, resized, box = preprocess(image, 32, "center", 8)
+        pixels, resized, box = crop_for_encoding(image, 32, "center", 8)
         enc = codec.encode(pixels[None])
         assert row["original_size"] == list(image.shape[-2:]) and row["resized_size"] == resized
         assert row["crop_box"] == box and box[2:] == [32, 32] and row["shape"] == [4, 4, 4]
@@ -236,10 +239,11 @@ def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path,
 def test_kill_9_mid_run_then_rerun(images: Path, tmp_path: Path) -> None:
     """kill -9 while a shard is half done, rerun: exactly one row per readable input, finished shards kept."""
     out, ref = tmp_path / "out", tmp_path / "ref"
-    args = [sys.executable, "-m", "sdvae.cli", "encode-dataset", str(images), str(out), "--model", "test",
-            "--resolution", "32", "--shard-size", "2", "--batch-size", "1", "--num-workers", "1", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", DELAY_ENV: "0.4"}
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = ["encode-dataset", str(images), str(out), "--model", "test",
+           "--resolution", "32", "--shard-size", "2", "--batch-size", "1", "--num-workers", "1", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *cmd], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "data" / "shard-00001.arrow").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
@@ -250,7 +254,8 @@ def test_kill_9_mid_run_then_rerun(images: Path, tmp_path: Path) -> None:
     done = _shard_stats(out)
     assert 2 <= len(done) < 6 and not (out / "sdvae_latents.json").exists() and not (out / "state.json").exists()
 
-    rerun = subprocess.run(args, env={**env, DELAY_ENV: "0"}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, "-m", "sdvae.cli", *cmd], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{len(done)} already done" in rerun.stdout and "complete: 10 rows" in rerun.stdout
     after = _shard_stats(out)

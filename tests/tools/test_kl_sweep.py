@@ -14,11 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import make_photo
+from helpers import REPO, make_photo
 from sdvae.errors import UserError
 from sdvae.train.config import dump_config, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "kl_sweep.py"
 TEST_CONFIG = REPO / "configs" / "test.yaml"
 

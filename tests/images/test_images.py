@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import REPO
 from sdvae.codec.codec import crop_to, pad_to_multiple
 from sdvae.errors import UserError
 from sdvae.images import load as images
-from sdvae.images.compose import side_by_side
+from sdvae.images.compose import image_grid, labelled_rows, side_by_side
 from sdvae.images.load import LoadedImage, check_min_size, image_to_tensor, is_image_file, load_image
 from sdvae.images.write import save_image, to_pil
 
@@ -631,11 +632,11 @@ def test_pad_noop_and_unbatched() -> None:
 def test_testcard_asset_matches_generator() -> None:
     import importlib.util
 
-    repo = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("make_testcard", repo / "tools" / "make_testcard.py")
+
+    spec = importlib.util.spec_from_file_location("make_testcard", REPO / "tools" / "make_testcard.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    asset = repo / "assets" / "testcard.png"
+    asset = REPO / "assets" / "testcard.png"
 
     card = module.make_testcard()
     loaded = load_image(asset)
@@ -646,3 +647,13 @@ def test_testcard_asset_matches_generator() -> None:
     # Equal to the committed PNG except, at most, a few text pixels from another FreeType build.
     differs = (np.asarray(card) != np.asarray(to_pil(loaded.tensor))).any(axis=2)
     assert differs.mean() < 0.02
+
+
+
+def test_image_grid_and_labelled_rows_sizes():
+    images = torch.zeros(5, 3, 16, 12)
+    grid = image_grid(images, nrow=3, padding=2)
+    assert grid.size == (3 * 14 + 2, 2 * 18 + 2)
+    assert grid.getpixel((0, 0)) == (255, 255, 255) and grid.getpixel((2, 2)) == (128, 128, 128)
+    strip = labelled_rows([("linear", images[:4]), ("spherical", images[:4])], padding=2)
+    assert strip.height == 2 * 18 + 2 and strip.width > 4 * 14
