@@ -9,9 +9,8 @@ from unittest import mock
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import make_photo, run_cli
+from helpers import make_photo
 from sdvae.codec.codec import Codec
 from sdvae.errors import UserError
 from sdvae.eval.elbo import (
@@ -39,17 +38,6 @@ LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # every 8-bit value
 @pytest.fixture
 def codec(test_vae) -> Codec:
     return Codec(test_vae)
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    """Three photos of different sizes and one unreadable file."""
-    root = tmp_path / "data"
-    root.mkdir()
-    for i, (w, h) in enumerate([(40, 32), (36, 44), (48, 33)]):
-        Image.fromarray(make_photo(w, h, seed=i)).save(root / f"img{i}.png")
-    (root / "broken.png").write_bytes(b"this is not a png")
-    return root
 
 
 @pytest.fixture
@@ -432,58 +420,3 @@ def test_interpolation_endpoints_are_the_decoded_posterior_means(codec):
 # --------------------------------------------------------------------------------------------------
 # The commands, as a user runs them
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_cli_eval_writes_json_and_markdown(folder, tmp_path):
-    out = tmp_path / "report.json"
-    result = run_cli("eval", str(folder), "--model", "test", "--resolution", "32", "--iw", "2", "--workers", "0",
-                     "--no-lpips", "--no-fid", "--markdown", "--json", str(out), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert "PSNR" in result.stdout and "ELBO" in result.stdout and "1 skipped" in result.stdout
-    assert "| Model | Data | Resolution |" in result.stdout and "| test | data | 32² center crop | 3 |" in result.stdout
-    data = json.loads(out.read_text())
-    assert data["format"] == "sdvae-eval/1" and data["data"]["skipped"] == 1
-    assert data["metrics"]["elbo"]["iw_bpd"]["mean"] <= data["metrics"]["elbo"]["elbo_bpd"]["mean"]
-
-
-@pytest.mark.slow
-def test_cli_sample_and_interpolate(tmp_path):
-    grid = tmp_path / "grid.png"
-    result = run_cli("sample", "--model", "test", "-n", "5", "--size", "16", "-o", str(grid), "--seed", "3")
-    assert result.returncode == 0, result.stderr
-    assert Image.open(grid).size == (3 * 18 + 2, 2 * 18 + 2)
-    again = tmp_path / "again.png"
-    assert run_cli("sample", "--model", "test", "-n", "5", "--size", "16", "-o", str(again), "--seed", "3"
-                   ).returncode == 0
-    assert grid.read_bytes() == again.read_bytes()
-
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    Image.fromarray(make_photo(24, 16, seed=0)).save(a)
-    Image.fromarray(make_photo(30, 30, seed=1)).save(b)
-    strip = tmp_path / "strip.png"
-    result = run_cli("interpolate", str(a), str(b), "--model", "test", "-n", "4", "-o", str(strip))
-    assert result.returncode == 0, result.stderr
-    assert "b.png resized from 30x30" in result.stdout
-    assert Image.open(strip).height == 2 * 18 + 2
-
-
-@pytest.mark.slow
-def test_cli_errors_are_one_line_with_exit_2(tmp_path, folder):
-    a = tmp_path / "a.png"
-    Image.fromarray(make_photo(16, 16)).save(a)
-    cases = [
-        (("eval", str(tmp_path / "missing"), "--model", "test"), "missing"),
-        (("eval", str(folder), "--model", "test", "--iw", "0"), "--iw"),
-        (("eval", str(folder), "--model", "test", "--sigma", "wide"), "--sigma"),
-        (("sample", "--model", "test", "-o", str(tmp_path / "grid.txt")), "unknown image extension"),
-        (("sample", "--model", "test", "--size", "20", "-o", str(tmp_path / "g.png")), "multiple"),
-        (("interpolate", str(a), str(tmp_path / "nope.png"), "--model", "test", "-o", str(tmp_path / "s.png")),
-         "nope.png"),
-        (("interpolate", str(a), str(a), "--model", "test", "-o", str(a)), "refusing to overwrite"),
-    ]
-    for args, needle in cases:
-        result = run_cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("sdvae: error: ") and needle in lines[0], (args, lines)

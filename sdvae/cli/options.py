@@ -33,8 +33,10 @@ def default_model() -> str:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from sdvae.codec.codec import TILE_MODES
+
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--tile", choices=TILE_MODES, default="auto",
                    help="exact tiled encode/decode with bounded memory (auto: on for large images)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="compute precision (fp16/bf16 fall back to fp32 on non-finite output)")
