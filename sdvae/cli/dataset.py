@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model
-from sdvae.errors import UserError
+from sdvae.errors import UserError, require_extra
 from sdvae.model.dtypes import DTYPES
 from sdvae.model.presets import PRESETS
 
 
 def decode_dataset_rows(args: argparse.Namespace) -> int:
     """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
+    _require_data("sdvae decode --row")
     from sdvae.images.write import save_image, to_pil
     from sdvae.latents.dataset import LatentDataset
     from sdvae.latents.export import latent_space_hash
@@ -58,7 +59,13 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_data(what: str) -> None:
+    require_extra("datasets", what)
+    require_extra("pyarrow", what)
+
+
 def cmd_encode_dataset(args: argparse.Namespace) -> int:
+    _require_data("sdvae encode-dataset")
     from sdvae.latents.export import EncodeOptions, run_encode
 
     carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
@@ -88,6 +95,7 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_latent_stats(args: argparse.Namespace) -> int:
+    _require_data("sdvae latent-stats")
     from sdvae.latents.format import read_dataset_meta
     from sdvae.latents.stats import compute_latent_stats, write_scaling_config
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdvae.cli.options import add_runtime_args, codec_from_args
-from sdvae.errors import UserError
+from sdvae.cli.options import add_runtime_args, codec_from_args, note
+from sdvae.errors import UserError, require_extra
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -14,6 +14,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sdvae.eval.report import markdown_table, report_json, summary_lines, write_report
     from sdvae.images.sources import open_source
 
+    if not args.no_lpips:
+        require_extra("lpips", "LPIPS in sdvae eval (or pass --no-lpips)")
+        require_extra("torchvision", "LPIPS in sdvae eval (or pass --no-lpips)")
+    if not args.no_fid:
+        require_extra("torch_fidelity", "rFID in sdvae eval (or pass --no-fid)")
     if args.sigma == "auto":
         sigma = None
     else:
@@ -27,8 +32,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lpips=not args.no_lpips, lpips_net=args.lpips_net, lpips_weights=args.lpips_weights or "",
         fid=not args.no_fid, inception_weights=args.inception_weights or "", workers=args.workers)
     settings.check()
-    if args.json and args.json != "-" and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json}: is a folder; give a file name")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise UserError(f"--json-out {args.json_out}: is a folder; give a file name")
     try:
         source = open_source(args.data, image_column=args.image_column, split=args.split)
     except UserError as err:  # open_source's hints name the training config keys
@@ -36,15 +41,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         .replace("set data.image_column", "pass --image-column")) from None
     ref, codec = codec_from_args(args)
     report = evaluate_source(codec, source, settings, model_ref=ref)
-    if args.json == "-":
+    if args.json_out:
+        note(f"wrote {write_report(report, args.json_out)}")
+    if args.json:
         print(report_json(report))
         return 0
     print("\n".join(summary_lines(report)))
     if args.markdown:
         print()
         print(markdown_table(report))
-    if args.json:
-        print(f"wrote {write_report(report, args.json)}")
     return 0
 
 
@@ -82,7 +87,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "6726825d.pth; default: the torch hub cache)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
-    p.add_argument("--json", metavar="FILE", help="write every figure and the exact protocol as JSON ('-': stdout)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every figure and the exact protocol) "
+                   "instead of the table")
+    p.add_argument("--json-out", metavar="FILE", help="also write that JSON object to FILE")
     p.add_argument("--markdown", action="store_true", help="also print a model-card style markdown table row")
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked, note
 from sdvae.errors import UserError
 
 
@@ -24,8 +24,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            space=args.space, batch_size=args.batch_size)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     out = save_image(image_grid(images, nrow), args.output)
-    for note in codec.notes:
-        print(f"note: {note}")
+    for message in codec.notes:
+        note(message)
     print(f"wrote {args.n} samples of {ref} ({args.size}x{args.size}, z ~ N(0, {args.temperature:g}²I) in the "
           f"{args.space} latent space, seed {args.seed}) to {out}")
     return 0
@@ -53,8 +53,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     paths = interpolate_images(codec, img_a.tensor, tensor_b, args.n, batch_size=args.batch_size)
     strip = labelled_rows([("linear", paths["linear"]), ("spherical", paths["spherical"])])
     out = save_image(strip, args.output, protect=inputs)
-    for note in notes + codec.notes:
-        print(f"note: {note}")
+    for message in notes + codec.notes:
+        note(message)
     print(f"wrote {args.n} linear and {args.n} spherical steps from {inputs[0].name} to {inputs[1].name} "
           f"({ref}) to {out}")
     return 0

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from sdvae import __version__
 from sdvae.cli import dataset, eval, generate, latents_file, roundtrip, weights
 from sdvae.errors import UserError
 
@@ -22,6 +23,7 @@ COMMANDS = (roundtrip, latents_file, dataset, weights, eval, generate)
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every ``sdvae`` subcommand."""
     parser = argparse.ArgumentParser(prog="sdvae", description="Stable-Diffusion-style KL image VAEs.")
+    parser.add_argument("--version", action="version", version=f"sdvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parsers(sub)

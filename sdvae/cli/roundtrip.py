@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, default_output, load_checked
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, default_output, load_checked, note
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
@@ -49,8 +49,8 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for note in result["notes"]:
-            print(f"note: {note}")
+        for message in result["notes"]:
+            note(message)
         c, h, w = result["latent_shape"]
         print(f"{src.name}: {img.size[0]}x{img.size[1]} -> latent {c}x{h}x{w} -> {out}")
         print(f"PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  {seconds:.2f} s  (comparison: {compare})")

@@ -13,14 +13,21 @@ from helpers import make_photo, run_cli
 @pytest.mark.slow
 def test_cli_eval_writes_json_and_markdown(folder, tmp_path):
     out = tmp_path / "report.json"
-    result = run_cli("eval", str(folder), "--model", "test", "--resolution", "32", "--iw", "2", "--workers", "0",
-                     "--no-lpips", "--no-fid", "--markdown", "--json", str(out), "--device", "cpu")
+    common = ("eval", str(folder), "--model", "test", "--resolution", "32", "--iw", "2", "--workers", "0",
+              "--no-lpips", "--no-fid", "--device", "cpu")
+    result = run_cli(*common, "--markdown", "--json-out", str(out))
     assert result.returncode == 0, result.stderr
     assert "PSNR" in result.stdout and "ELBO" in result.stdout and "1 skipped" in result.stdout
     assert "| Model | Data | Resolution |" in result.stdout and "| test | data | 32² center crop | 3 |" in result.stdout
+    assert f"note: wrote {out}" in result.stderr and "wrote" not in result.stdout  # notes on stderr
     data = json.loads(out.read_text())
     assert data["format"] == "sdvae-eval/1" and data["data"]["skipped"] == 1
     assert data["metrics"]["elbo"]["iw_bpd"]["mean"] <= data["metrics"]["elbo"]["elbo_bpd"]["mean"]
+    # --json is a flag, as for every other command: stdout is exactly one JSON object.
+    result = run_cli(*common, "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["format"] == "sdvae-eval/1" and printed["metrics"]["psnr"] == data["metrics"]["psnr"]
 
 
 @pytest.mark.slow
@@ -40,7 +47,7 @@ def test_cli_sample_and_interpolate(tmp_path):
     strip = tmp_path / "strip.png"
     result = run_cli("interpolate", str(a), str(b), "--model", "test", "-n", "4", "-o", str(strip))
     assert result.returncode == 0, result.stderr
-    assert "b.png resized from 30x30" in result.stdout
+    assert "note: b.png resized from 30x30" in result.stderr and "note:" not in result.stdout
     assert Image.open(strip).height == 2 * 18 + 2
 
 
