@@ -38,8 +38,8 @@ def encode_small(src: Path | str, out: Path, **kw) -> dict:
     """``run_encode`` with the `test` preset and small shards (keyword arguments override)."""
     from sdvae.latents.export import EncodeOptions, run_encode
 
-    kw = {"resolution": 32, "shard_size": 4, "batch_size": 3, **kw}
-    return run_encode(EncodeOptions(src=str(src), out=str(out), model="test", progress=False, **kw))
+    kw = {"resolution": 32, "shard_size": 4, "batch_size": 3, "progress": False, **kw}
+    return run_encode(EncodeOptions(src=str(src), out=str(out), model="test", **kw))
 
 
 def dataset_rows(out: Path) -> list[dict]:

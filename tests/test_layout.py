@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdvae"
 
 # Areas from the bottom up: a module may import its own area and the areas of lower ranks only.
 RANKS = {
-    "errors": 0, "atomic": 0, "seeding": 0,
+    "errors": 0, "atomic": 0, "seeding": 0, "progress": 0,
     "model": 1, "images": 1, "metrics": 1,
     "codec": 2,
     "latents": 3,

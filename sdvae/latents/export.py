@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -61,6 +60,7 @@ from sdvae.latents.shards import (
     write_json,
     write_shard,
 )
+from sdvae.progress import Progress
 from sdvae.seeding import seeded_generator
 
 STORES = ("mean_logvar", "mean", "sample")
@@ -280,8 +280,6 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     Raises:
         UserError: bad arguments, an unusable source/model, or an output made with other arguments.
     """
-    from tqdm import tqdm
-
     from sdvae.codec.codec import Codec
     from sdvae.images.sources import open_source
     from sdvae.model.dtypes import DTYPES
@@ -335,8 +333,8 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=opts.num_workers,
                         prefetch_factor=4 if opts.num_workers else None, pin_memory=device.startswith("cuda"))
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc=f"encode (rank {rank}/{world})" if world > 1 else "encode",
-               disable=not opts.progress or rank != 0 or not total, dynamic_ncols=True, smoothing=0.1)
+    bar = Progress(total, f"encode (rank {rank}/{world})" if world > 1 else "encode",
+                   enabled=opts.progress and rank == 0 and bool(total))
     # Shards are written by one background thread (Arrow + fsync release the GIL), so the model does not
     # wait on the disk; at most two finished shards wait in memory.
     writer, writing = ThreadPoolExecutor(max_workers=1), deque()
@@ -378,7 +376,7 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
             if "error" in item:
                 skipped[k].append({"index": item["index"], "name": item["name"], "reason": item["error"]})
                 if summary["unreadable"] < 20:
-                    bar.write(f"sdvae: skipping unreadable {item['error']}", file=sys.stderr)
+                    bar.write(f"sdvae: skipping unreadable {item['error']}")
                 summary["unreadable"] += 1
             else:
                 rows[k].append(item)
