@@ -32,3 +32,31 @@ def first_line(err: BaseException, *, with_type: bool = False) -> str:
         return type(err).__name__
     text = lines[0][:MAX_REASON]
     return f"{type(err).__name__}: {text}" if with_type else text
+
+
+# Optional parts of sdvae and the pip extra that brings each module (see pyproject.toml).
+EXTRAS = {
+    "datasets": "data", "pyarrow": "data",
+    "accelerate": "train", "tensorboard": "train", "yaml": "train",
+    "lpips": "eval", "torchvision": "eval", "torch_fidelity": "eval",
+}
+
+
+def require_extra(module: str, what: str, extra: str | None = None) -> None:
+    """Raise a one-line :class:`UserError` naming the pip extra to install when ``module`` is missing.
+
+    Args:
+        module: top-level module name (``"datasets"``, ``"torch_fidelity"``...).
+        what: what needs it, for the message (``"sdvae encode-dataset"``).
+        extra: the extra that brings it (default: :data:`EXTRAS`).
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        extra = extra or EXTRAS.get(module, "all")
+        raise UserError(f"{what} needs the optional package {module!r}, which is not installed: "
+                        f"pip install 'sdvae[{extra}]'")

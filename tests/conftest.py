@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_photo
+from helpers import make_photo, save_photo
 
 # Any accidental network access fails at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +31,28 @@ def photo(tmp_path: Path) -> Path:
     path = tmp_path / "photo.png"
     Image.fromarray(make_photo(45, 37)).save(path)
     return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three photos of different sizes and one unreadable file."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for i, (w, h) in enumerate([(40, 32), (36, 44), (48, 33)]):
+        Image.fromarray(make_photo(w, h, seed=i)).save(root / f"img{i}.png")
+    (root / "broken.png").write_bytes(b"this is not a png")
+    return root
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """10 readable images in nested folders (varied sizes) and 2 unreadable ones."""
+    root = tmp_path / "imgs"
+    for i in range(10):
+        save_photo(root / ("sub/" if i % 3 == 0 else "") / f"im{i:02d}.png", 36 + 3 * i, 34 + 2 * (i % 4), seed=i)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "sub" / "empty.jpg").write_bytes(b"")
+    return root
 
 
 

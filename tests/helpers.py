@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root
 
@@ -26,3 +28,36 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sdvae.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+def save_photo(path: Path, width: int, height: int, seed: int) -> None:
+    """Write a ``make_photo`` PNG at ``path`` (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(make_photo(width, height, seed)).save(path)
+
+
+def encode_small(src: Path | str, out: Path, **kw) -> dict:
+    """``run_encode`` with the `test` preset and small shards (keyword arguments override)."""
+    from sdvae.latents.export import EncodeOptions, run_encode
+
+    kw = {"resolution": 32, "shard_size": 4, "batch_size": 3, "progress": False, **kw}
+    return run_encode(EncodeOptions(src=str(src), out=str(out), model="test", **kw))
+
+
+def dataset_rows(out: Path) -> list[dict]:
+    """Every row of an encode-dataset output, as dicts."""
+    import datasets
+
+    return list(datasets.load_from_disk(str(out)))
+
+
+def stored_latent(row: dict, column: str, dtype: str = "fp32") -> torch.Tensor:
+    """A stored latent column of a row as a (C, h, w) tensor."""
+    from sdvae.latents.format import stored_to_tensor
+
+    return stored_to_tensor(row[column], dtype, row["shape"])
+
+
+def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of each finished shard (unchanged means not rewritten)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "data").glob("shard-*.arrow"))}

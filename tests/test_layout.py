@@ -127,3 +127,14 @@ def test_no_module_over_the_size_limit() -> None:
     big = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_import_and_the_cli_parser_stay_light() -> None:
+    """``import sdvae`` and building every subcommand's parser (``sdvae --help``) load no torch/diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdvae, sdvae.cli.main as cli; cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'datasets', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import codec_from_args, default_model
-from sdvae.errors import UserError
+from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model
+from sdvae.errors import UserError, require_extra
+from sdvae.model.dtypes import DTYPE_CHOICES
 from sdvae.model.presets import PRESETS
 
 
 def decode_dataset_rows(args: argparse.Namespace) -> int:
     """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
+    _require_data("sdvae decode --row")
     from sdvae.images.write import save_image, to_pil
     from sdvae.latents.dataset import LatentDataset
     from sdvae.latents.format import read_dataset_meta
@@ -55,7 +58,13 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_data(what: str) -> None:
+    require_extra("datasets", what)
+    require_extra("pyarrow", what)
+
+
 def cmd_encode_dataset(args: argparse.Namespace) -> int:
+    _require_data("sdvae encode-dataset")
     from sdvae.latents.export import EncodeOptions, run_encode
 
     carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
@@ -85,6 +94,7 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_latent_stats(args: argparse.Namespace) -> int:
+    _require_data("sdvae latent-stats")
     from sdvae.latents.format import read_dataset_meta
     from sdvae.latents.stats import compute_latent_stats, write_scaling_config
 
@@ -113,3 +123,56 @@ def cmd_latent_stats(args: argparse.Namespace) -> int:
     if written:
         print(f"wrote {', '.join(written[1])} to {written[0]}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``encode-dataset`` and ``latent-stats`` among the ``sdvae`` subcommands."""
+    p = sub.add_parser(
+        "encode-dataset", help="encode an image folder or dataset into a latent dataset (resumable, multi-process)",
+        description="Encode every image of SRC into OUT, a `datasets` dataset on disk (datasets.load_from_disk), "
+        "one row per readable image. Unreadable files are skipped and listed in OUT/skipped.txt. Killed and run "
+        "again with the same arguments, it finishes without duplicates or re-encoding finished shards. Runs "
+        "under `torchrun`/`accelerate launch` too: each process encodes its own shards. " + INPUT_NOTES)
+    p.add_argument("src", help="image folder (recursive), save_to_disk folder, .parquet file/glob, or hub dataset")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--resolution", type=int, default=0,
+                   help="resize the shorter side to N (bicubic, antialiased) before cropping; 0 (default): "
+                   "keep each image's size")
+    p.add_argument("--crop", choices=("center", "random", "none"), default=None,
+                   help="center/random NxN crop, or none: keep the whole image (sides trimmed to multiples of "
+                   "the downsampling factor). Default: center with --resolution, none without")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute and storage precision; auto (default): bf16 where the hardware computes it natively, "
+                   "else fp32 (bf16 is stored as raw 16-bit patterns: Arrow has no bf16)")
+    p.add_argument("--store", choices=("mean_logvar", "mean", "sample"), default="mean_logvar",
+                   help="posterior mean + log-variance (default), the mean, or one seeded posterior sample")
+    p.add_argument("--num-workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                   help="DataLoader workers decoding/resizing images (0: in the main process; default: "
+                   "half the CPU cores, at most 8)")
+    p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard (the unit of resuming)")
+    p.add_argument("--image-column", default="image", help="image column of a dataset source")
+    p.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict folder")
+    p.add_argument("--carry", default=None, help="comma-separated dataset columns to carry into OUT "
+                   "(default: every non-image column; '' for none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random crops and of --store sample")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line per process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode_dataset)
+
+    p = sub.add_parser("latent-stats", help="exact per-channel/global latent mean and std; recommended scaling",
+                       description="Stream over an encode-dataset output and print per-channel and global mean "
+                       "and std (exact, float64) and the recommended scaling_factor (1/std) and shift_factor "
+                       "(mean), as SD3/FLUX define them.")
+    p.add_argument("dataset", help="an encode-dataset output folder")
+    p.add_argument("--over", choices=("auto", "posterior", "mean"), default="auto",
+                   help="posterior: z = mean + sigma*eps, exactly (default when log-variances are stored); "
+                   "mean: the posterior means only")
+    p.add_argument("--write-config", metavar="MODEL_FOLDER",
+                   help="write scaling_factor/shift_factor into this diffusers folder's config.json")
+    p.add_argument("--per-channel", action="store_true",
+                   help="with --write-config: write latents_mean/latents_std (and scaling_factor 1) instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_latent_stats)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdvae.cli.options import (
-    codec_from_args,
-    load_checked,
-)
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked, note
 from sdvae.errors import UserError
 
 
@@ -27,8 +24,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            space=args.space, batch_size=args.batch_size)
     nrow = args.nrow or math.ceil(math.sqrt(args.n))
     out = save_image(image_grid(images, nrow), args.output)
-    for note in codec.notes:
-        print(f"note: {note}")
+    for message in codec.notes:
+        note(message)
     print(f"wrote {args.n} samples of {ref} ({args.size}x{args.size}, z ~ N(0, {args.temperature:g}²I) in the "
           f"{args.space} latent space, seed {args.seed}) to {out}")
     return 0
@@ -56,8 +53,45 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     paths = interpolate_images(codec, img_a.tensor, tensor_b, args.n, batch_size=args.batch_size)
     strip = labelled_rows([("linear", paths["linear"]), ("spherical", paths["spherical"])])
     out = save_image(strip, args.output, protect=inputs)
-    for note in notes + codec.notes:
-        print(f"note: {note}")
+    for message in notes + codec.notes:
+        note(message)
     print(f"wrote {args.n} linear and {args.n} spherical steps from {inputs[0].name} to {inputs[1].name} "
           f"({ref}) to {out}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``sample`` and ``interpolate`` among the ``sdvae`` subcommands."""
+    p = sub.add_parser(
+        "sample", help="decode prior samples z ~ N(0, I) into a grid image",
+        description="Draw z ~ N(0, T²I) in the scaled (diffusion) latent space, map it to the VAE's latents with the "
+        "model's scaling (unscale), decode, and save a grid. This shows what the decoder makes of latents of the "
+        "data's scale; it is not an image generator (that is the diffusion model's job).")
+    p.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("-o", "--output", required=True, help="grid image path (.png, .jpg, .webp...)")
+    p.add_argument("--size", type=int, default=256, help="side of each sample in pixels, a multiple of the "
+                   "downsampling factor (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="standard deviation of the draw (default 1)")
+    p.add_argument("--space", choices=("scaled", "vae"), default="scaled",
+                   help="scaled: N(0, I) in the diffusion space, then unscaled (default); vae: N(0, I) on the VAE's "
+                   "own latents, the prior of its KL term")
+    p.add_argument("--seed", type=int, default=0, help="seed (sample i is the same for any -n)")
+    p.add_argument("--nrow", type=int, default=None, help="samples per row (default ceil(sqrt(n)))")
+    p.add_argument("--batch-size", type=int, default=8, help="latents decoded per model call (default 8)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "interpolate", help="decode linear and spherical paths between two images' posterior means",
+        description="Encode A and B, interpolate between their posterior means linearly and spherically (slerp over "
+        "the flattened scaled latent), decode, and save one image with a 'linear' and a 'spherical' row; the "
+        "endpoints are the reconstructions of A and B. B is resized and center-cropped to A's size if they differ. "
+        + INPUT_NOTES)
+    p.add_argument("image_a", metavar="A")
+    p.add_argument("image_b", metavar="B")
+    p.add_argument("-n", type=int, default=8, help="points per path, endpoints included (default 8)")
+    p.add_argument("-o", "--output", required=True, help="strip image path (.png, .jpg, .webp...)")
+    p.add_argument("--batch-size", type=int, default=8, help="latents decoded per model call (default 8)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_interpolate)
+

@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import (
-    codec_from_args,
-    load_checked,
-)
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked
 from sdvae.errors import UserError
 from sdvae.latents.file import LATENTS_FORMAT
 from sdvae.model.presets import PRESETS
@@ -78,3 +75,28 @@ def cmd_decode(args: argparse.Namespace) -> int:
         save_image(to_pil(images), dest, protect=[Path(entry["path"])])
         print(dest)
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``encode`` and ``decode`` among the ``sdvae`` subcommands."""
+    p = sub.add_parser("encode", help="encode images to a latents .safetensors file",
+                       description="Store each image's posterior mean and log-variance (unscaled) with the "
+                       "model's config hash and the original sizes. " + INPUT_NOTES)
+    p.add_argument("images", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a latents file (`sdvae encode`) or rows of an encode-dataset output",
+                       description="Decode every latent of a latents .safetensors file, or --row N of an "
+                       "encode-dataset output folder (written as OUTPUT/row-N.png; --preview adds "
+                       "row-N.preview.png, a fixed linear map of the latent channels to RGB).")
+    p.add_argument("latents", help="a .safetensors file from `sdvae encode`, or an encode-dataset output folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--row", type=int, action="append", help="dataset row to decode (repeatable; default 0)")
+    p.add_argument("--preview", action="store_true", help="also write a decoder-free latent preview per row")
+    p.add_argument("--preview-only", action="store_true", help="write only the previews (no model needed)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_decode)

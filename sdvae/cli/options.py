@@ -1,18 +1,21 @@
 """What every ``sdvae`` command shares: the model/runtime options, the default model, loading an input.
 
-The default model is the embedded checkpoint (``checkpoints/sdvae-tiny-f8c4``) when the checkout has it.
+The default model is the embedded checkpoint, shipped inside the package as ``sdvae/checkpoints/sdvae-tiny-f8c4``
+(package data, so editable and wheel installs both have it; the repository's ``checkpoints/sdvae-tiny-f8c4`` is
+a symlink to that folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sdvae.errors import UserError
-from sdvae.model.dtypes import DTYPES
+from sdvae.model.dtypes import DTYPE_CHOICES
 from sdvae.model.presets import PRESETS
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "checkpoints" / "sdvae-tiny-f8c4"
+EMBEDDED = Path(__file__).resolve().parents[1] / "checkpoints" / "sdvae-tiny-f8c4"
 MODEL_HELP = (
     "model: a preset (" + ", ".join(PRESETS) + "), a diffusers folder, a single-file LDM/A1111 checkpoint "
     "(.safetensors/.ckpt/.pt/.pth), or a Hugging Face Hub id. Default: the embedded checkpoint "
@@ -33,11 +36,15 @@ def default_model() -> str:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from sdvae.codec import TILE_MODES
+
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--tile", choices=TILE_MODES, default="auto",
                    help="exact tiled encode/decode with bounded memory (auto: on for large images)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="compute precision (fp16/bf16 fall back to fp32 on non-finite output)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute precision. auto (default): bf16 where the hardware computes it natively (CUDA "
+                   "GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32. fp16/bf16 fall back to fp32 on "
+                   "non-finite output; --json reports the precision used")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -60,6 +67,11 @@ def load_checked(path: str, factor: int, tile: str):
     img = load_image(path, allow_huge=(tile == "on"))
     check_min_size(img.size, factor, path)
     return img
+
+
+def note(message: str) -> None:
+    """A human note: on stderr, so stdout carries only results (text, paths or one JSON object)."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 def default_output(path: Path, suffix: str) -> Path:

@@ -8,11 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdvae.cli.options import (
-    codec_from_args,
-    default_output,
-    load_checked,
-)
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, default_output, load_checked, note
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
@@ -45,6 +41,8 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
         "comparison": str(compare),
         "seconds": round(seconds, 3),
         "sampled": bool(args.sample),
+        "dtype": codec.dtype_name,
+        "device": str(codec.device),
         "notes": img.notes + codec.notes,
     }
     rec_pil = to_pil(recon)
@@ -53,9 +51,24 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for note in result["notes"]:
-            print(f"note: {note}")
+        for message in result["notes"]:
+            note(message)
         c, h, w = result["latent_shape"]
         print(f"{src.name}: {img.size[0]}x{img.size[1]} -> latent {c}x{h}x{w} -> {out}")
         print(f"PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  {seconds:.2f} s  (comparison: {compare})")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``roundtrip`` among the ``sdvae`` subcommands."""
+    p = sub.add_parser("roundtrip", help="encode and decode one image; print PSNR/SSIM",
+                       description="Encode and decode IMAGE, write the reconstruction (same size as the input) "
+                       "and a side-by-side comparison, print PSNR/SSIM. " + INPUT_NOTES)
+    p.add_argument("image")
+    p.add_argument("-o", "--output", help="reconstruction path (default: IMAGE's folder, NAME.recon.png); "
+                   "the comparison goes beside it as NAME.compare.png")
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_roundtrip)

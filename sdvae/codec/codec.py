@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from sdvae.codec import TILE_MODES
 from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
 from sdvae.model.dtypes import resolve_dtype, torch_dtype
 from sdvae.model.info import downsample_factor
-
-TILE_MODES = ("auto", "on", "off")
 
 
 def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -22,6 +22,7 @@ from sdvae.errors import UserError
 from sdvae.eval.metric_models import load_fid_metric, load_lpips_metric
 from sdvae.images.resize import center_crop, resize_shorter
 from sdvae.metrics.pixel import psnr, quantize, ssim
+from sdvae.progress import Progress
 
 if TYPE_CHECKING:
     from sdvae.codec.codec import Codec
@@ -168,7 +169,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
         source: the images (folder, dataset...).
         settings: the protocol (validated with :meth:`EvalSettings.check`).
         model_ref: how the user named the model (recorded).
-        progress: show a tqdm bar on stderr (when it is a terminal).
+        progress: report progress on stderr (a bar on a terminal, plain lines in logs).
 
     Returns:
         The report: ``format``, ``model``, ``data``, ``protocol``, ``metrics`` (mean ± population std
@@ -181,7 +182,6 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
 
     import torchmetrics
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     import sdvae
     from sdvae.eval.elbo import SIGMA_GRID, bound_terms, image_generator, summarize_bounds
@@ -205,7 +205,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     count = len(source) if settings.limit is None else min(settings.limit, len(source))
     loader = DataLoader(_EvalItems(source, count, settings), batch_size=None, shuffle=False,
                         num_workers=settings.workers, collate_fn=_items_as_they_are)
-    bar = tqdm(total=count, unit="img", desc="sdvae eval", disable=None if progress else True, dynamic_ncols=True)
+    bar = Progress(count, "sdvae eval", enabled=progress)
     skipped: list[dict[str, str]] = []
     names: list[str] = []
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in

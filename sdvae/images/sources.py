@@ -164,7 +164,7 @@ class DatasetSource(ImageSource):
             ref, kind: for messages (``ref`` as the user wrote it, ``kind`` e.g. ``"parquet"``).
             carry: other columns to carry through (:meth:`extras`); None: every other column.
         """
-        import datasets
+        datasets = _import_datasets()
 
         if column not in dataset.column_names:
             raise _ChoiceError(f"{ref}: no column {column!r} (columns: {', '.join(dataset.column_names)})",
@@ -259,7 +259,7 @@ def _load_hf(loader: Any, ref: str, what: str) -> Any:
 
 
 def _pick_split(obj: Any, ref: str, split: str) -> Any:
-    import datasets
+    datasets = _import_datasets()
 
     if isinstance(obj, (datasets.DatasetDict, dict)):
         if split not in obj:
@@ -270,7 +270,7 @@ def _pick_split(obj: Any, ref: str, split: str) -> Any:
 
 def _parquet_source(files: list[str], ref: str, column: str, cache_dir: str | None,
                     carry: Sequence[str] | None = ()) -> DatasetSource:
-    import datasets
+    datasets = _import_datasets()
 
     ds = _load_hf(lambda: datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir),
                   ref, "parquet data")
@@ -347,7 +347,7 @@ def _open(ref: str, image_column: str, split: str, cache_dir: str | None,
 def _open_folder(path: Path, ref: str, column: str, split: str, cache_dir: str | None,
                  carry: Sequence[str] | None = ()) -> ImageSource:
     if any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
-        import datasets
+        datasets = _import_datasets()
 
         ds = _load_hf(lambda: datasets.load_from_disk(str(path)), ref, "saved dataset")
         return DatasetSource(_pick_split(ds, ref, split), column, ref, "saved dataset", carry)
@@ -362,7 +362,7 @@ def _open_folder(path: Path, ref: str, column: str, split: str, cache_dir: str |
 
 def _open_hub(name: str, column: str, split: str, cache_dir: str | None,
               carry: Sequence[str] | None = ()) -> ImageSource:
-    import datasets
+    datasets = _import_datasets()
 
     try:
         ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
@@ -372,3 +372,13 @@ def _open_hub(name: str, column: str, split: str, cache_dir: str | None,
             f"({first_line(err, with_type=True)}); offline, pass a local image folder, "
             "save_to_disk folder or parquet file instead") from None
     return DatasetSource(_pick_split(ds, name, split), column, name, "hub dataset", carry)
+
+
+def _import_datasets():
+    """The ``datasets`` module, or a one-line error naming the extra that brings it."""
+    from sdvae.errors import require_extra
+
+    require_extra("datasets", "a datasets/parquet source")
+    import datasets
+
+    return datasets

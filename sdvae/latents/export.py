@@ -29,10 +29,10 @@ Decoding, resizing and cropping happen in DataLoader workers, overlapped with th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -61,6 +61,7 @@ from sdvae.latents.shards import (
     write_shard,
 )
 from sdvae.model.info import SCALING_KEYS, latent_space_hash, weights_hash
+from sdvae.progress import Progress
 from sdvae.seeding import seeded_generator
 
 STORES = ("mean_logvar", "mean", "sample")
@@ -82,7 +83,7 @@ class EncodeOptions:
     resolution: int = 0
     crop: str | None = None
     batch_size: int = 16
-    dtype: str = "fp32"
+    dtype: str = "auto"
     store: str = "mean_logvar"
     num_workers: int = 0
     shard_size: int = 1000
@@ -263,17 +264,17 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     Raises:
         UserError: bad arguments, an unusable source/model, or an output made with other arguments.
     """
-    from tqdm import tqdm
-
     from sdvae.codec.codec import Codec
     from sdvae.images.sources import open_source
-    from sdvae.model.dtypes import DTYPES
+    from sdvae.model.dtypes import resolve_dtype
     from sdvae.model.info import config_dict, config_hash, downsample_factor
     from sdvae.model.load import load_vae
 
     rank, world, local_rank = dist_env()
+    device = opts.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    opts = dataclasses.replace(opts, dtype=resolve_dtype(opts.dtype, device))  # "auto" → what this device runs
     crop = opts.crop or ("center" if opts.resolution else "none")
-    if crop not in CROPS or opts.store not in STORES or opts.dtype not in DTYPES:
+    if crop not in CROPS or opts.store not in STORES:
         raise UserError(f"bad option: crop {crop!r}, store {opts.store!r} or dtype {opts.dtype!r}")
     if opts.resolution < 0 or opts.batch_size < 1 or opts.shard_size < 1 or opts.num_workers < 0:
         raise UserError("--resolution must be >= 0, --batch-size and --shard-size >= 1, --num-workers >= 0")
@@ -312,14 +313,13 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     summary: dict[str, Any] = {"rank": rank, "world_size": world, "shards_total": num_shards,
                                "shards_done_before": len(mine) - len(pending), "shards_encoded": 0,
                                "encoded": 0, "unreadable": 0}
-    device = opts.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     codec = Codec(vae, device=device, dtype=opts.dtype, tile="auto")
     dataset = _Items(source, opts.resolution, crop, factor, opts.seed)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=opts.num_workers,
                         prefetch_factor=4 if opts.num_workers else None, pin_memory=device.startswith("cuda"))
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc=f"encode (rank {rank}/{world})" if world > 1 else "encode",
-               disable=not opts.progress or rank != 0 or not total, dynamic_ncols=True, smoothing=0.1)
+    bar = Progress(total, f"encode (rank {rank}/{world})" if world > 1 else "encode",
+                   enabled=opts.progress and rank == 0 and bool(total))
     # Shards are written by one background thread (Arrow + fsync release the GIL), so the model does not
     # wait on the disk; at most two finished shards wait in memory.
     writer, writing = ThreadPoolExecutor(max_workers=1), deque()
@@ -360,7 +360,7 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
             if "error" in item:
                 skipped[k].append({"index": item["index"], "name": item["name"], "reason": item["error"]})
                 if summary["unreadable"] < 20:
-                    bar.write(f"sdvae: skipping unreadable {item['error']}", file=sys.stderr)
+                    bar.write(f"sdvae: skipping unreadable {item['error']}")
                 summary["unreadable"] += 1
             else:
                 rows[k].append(item)

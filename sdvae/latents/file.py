@@ -6,12 +6,14 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdvae.atomic import atomic_file
 from sdvae.errors import UserError
+
+if TYPE_CHECKING:  # torch loads lazily: the CLI imports this module to build its parser
+    import torch
+
 
 LATENTS_FORMAT = "sdvae-latents/1"
 

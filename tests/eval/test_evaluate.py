@@ -10,9 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import make_photo, run_cli
 from sdvae.errors import UserError
 from sdvae.eval.elbo import (
     SIGMA_GRID,
@@ -212,37 +210,3 @@ def test_eval_settings_are_checked():
 # --------------------------------------------------------------------------------------------------
 # The commands, as a user runs them
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_cli_eval_writes_json_and_markdown(folder, tmp_path):
-    out = tmp_path / "report.json"
-    result = run_cli("eval", str(folder), "--model", "test", "--resolution", "32", "--iw", "2", "--workers", "0",
-                     "--no-lpips", "--no-fid", "--markdown", "--json", str(out), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert "PSNR" in result.stdout and "ELBO" in result.stdout and "1 skipped" in result.stdout
-    assert "| Model | Data | Resolution |" in result.stdout and "| test | data | 32² center crop | 3 |" in result.stdout
-    data = json.loads(out.read_text())
-    assert data["format"] == "sdvae-eval/1" and data["data"]["skipped"] == 1
-    assert data["metrics"]["elbo"]["iw_bpd"]["mean"] <= data["metrics"]["elbo"]["elbo_bpd"]["mean"]
-
-
-@pytest.mark.slow
-def test_cli_errors_are_one_line_with_exit_2(tmp_path, folder):
-    a = tmp_path / "a.png"
-    Image.fromarray(make_photo(16, 16)).save(a)
-    cases = [
-        (("eval", str(tmp_path / "missing"), "--model", "test"), "missing"),
-        (("eval", str(folder), "--model", "test", "--iw", "0"), "--iw"),
-        (("eval", str(folder), "--model", "test", "--sigma", "wide"), "--sigma"),
-        (("sample", "--model", "test", "-o", str(tmp_path / "grid.txt")), "unknown image extension"),
-        (("sample", "--model", "test", "--size", "20", "-o", str(tmp_path / "g.png")), "multiple"),
-        (("interpolate", str(a), str(tmp_path / "nope.png"), "--model", "test", "-o", str(tmp_path / "s.png")),
-         "nope.png"),
-        (("interpolate", str(a), str(a), "--model", "test", "-o", str(a)), "refusing to overwrite"),
-    ]
-    for args, needle in cases:
-        result = run_cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("sdvae: error: ") and needle in lines[0], (args, lines)

@@ -39,6 +39,12 @@ def test_roundtrip_json_outputs_and_metrics(photo: Path, tmp_path: Path) -> None
     assert result["psnr"] == pytest.approx(float(psnr(a, b)[0]), abs=1e-3)
     assert result["ssim"] == pytest.approx(float(ssim(a, b)[0]), abs=1e-4)
     assert result["seconds"] > 0
+    from sdvae.model.dtypes import resolve_dtype
+
+    assert result["dtype"] == resolve_dtype("auto", "cpu") and result["device"] == "cpu"  # the default is auto
+    forced = json.loads(run_cli("roundtrip", str(photo), "-o", str(out), "--model", "test", "--json",
+                                "--dtype", "bf16").stdout)
+    assert forced["dtype"] == "bf16"
 
 
 def test_roundtrip_default_output_and_text(photo: Path) -> None:
