@@ -3,6 +3,7 @@
     python tools/bench.py tiling [--size 1024] [--big 2048]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.1]
     python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
+    python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
 
 Every figure that is compared is measured in the same run. Peak memory is always measured in a fresh
 subprocess (the ``_decode-child`` / ``_train-child`` subcommands), so one measurement's allocations
@@ -372,6 +373,97 @@ def cmd_encode(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+INFER_MODES = ("diffusers-fp32", "default", "fp32", "bf16", "fp16")
+
+
+def _infer_model(preset: str):
+    """The ``tiny`` rows use the embedded checkpoint (real weights); other presets seeded random weights."""
+    from sdvae.model.build import build_preset
+    from sdvae.model.load import load_vae
+
+    embedded = REPO / "checkpoints" / "sdvae-tiny-f8c4"
+    return load_vae(embedded) if preset == "tiny" and (embedded / "config.json").is_file() else build_preset(preset)
+
+
+def cmd_infer_child(args: argparse.Namespace) -> None:
+    """One inference mode in this (fresh) process: median seconds of encode+decode, peak RSS, output."""
+    import statistics
+
+    import torch
+
+    from sdvae.codec.codec import Codec
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae = _infer_model(args.preset)
+    x = _synthetic_batches(1, 1, args.size, seed=1)[0]
+    if args.mode == "diffusers-fp32":  # what a user writes with diffusers alone
+        vae = vae.to(args.device).eval()
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return vae.decode(vae.encode(x.to(args.device)).latent_dist.mean).sample.float().cpu()
+        used = "fp32"
+    else:
+        codec = Codec(vae, device=args.device, dtype="auto" if args.mode == "default" else args.mode, tile="auto")
+
+        def run() -> torch.Tensor:
+            return codec.roundtrip(x)[0]
+        used = codec.dtype_name
+    times = []
+    for i in range(args.warmup + args.repeats):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = run()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if args.save:
+        torch.save({"out": out, "x": x}, args.save)
+    print(json.dumps({"seconds": statistics.median(times), "peak_rss": _peak_rss_bytes(), "dtype": used}))
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    """Encode+decode speed of sdvae's modes against plain diffusers fp32, same weights, same input."""
+    import tempfile
+
+    import torch
+
+    from sdvae.metrics.pixel import psnr, quantize
+
+    gib = 1024**3
+    modes = [m for m in args.modes.split(",") if m]
+    print(f"encode+decode of one photo-like image, median of {args.repeats} after {args.warmup} warm-up, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}; each mode in a fresh process")
+    print("| preset | size | mode | precision | seconds | speed vs diffusers fp32 | peak RSS GiB | PSNR vs diffusers |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            for size in (int(v) for v in args.sizes.split(",")):
+                rows = {}
+                for mode in modes:
+                    save = str(Path(tmp) / f"{preset}-{size}-{mode}.pt")
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "_infer-child", "--mode", mode,
+                           "--preset", preset, "--size", str(size), "--device", args.device, "--save", save,
+                           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
+                    rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"save": save}
+                base = rows.get("diffusers-fp32")
+                ref = torch.load(base["save"], weights_only=True)["out"] if base else None
+                for mode, row in rows.items():
+                    out = torch.load(row["save"], weights_only=True)["out"]
+                    speed = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
+                    close = f"{float(psnr(quantize(out), quantize(ref))[0]):.1f} dB" if ref is not None else "-"
+                    if mode == "diffusers-fp32":
+                        close = "(reference)"
+                    print(f"| {preset} | {size}² | {mode} | {row['dtype']} | {row['seconds']:.2f} | {speed} | "
+                          f"{row['peak_rss'] / gib:.2f} | {close} |", flush=True)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -418,6 +510,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--processes", type=int, default=1, help="also compare 1 vs N processes (torchrun)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("infer", help="encode+decode speed: plain diffusers fp32 vs sdvae's default and each dtype")
+    p.add_argument("--presets", default="sd,tiny", help="comma-separated presets (tiny: the embedded checkpoint)")
+    p.add_argument("--sizes", default="256,512", help="comma-separated image sides")
+    p.add_argument("--modes", default="diffusers-fp32,default,fp32,bf16",
+                   help=f"comma-separated, from {', '.join(INFER_MODES)} (default: sdvae's --dtype auto)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("_infer-child", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=INFER_MODES, required=True)
+    p.add_argument("--preset", default="sd")
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--save", default="")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_infer_child)
 
     p = sub.add_parser("_train-child", help=argparse.SUPPRESS)
     train_args(p)
