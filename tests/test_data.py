@@ -1,4 +1,5 @@
-"""sdvae.train.datasets / sdvae.images.sources: sources, deterministic augmentation, resumable sharded sampling, skipping bad files."""
+"""sdvae.train.datasets / sdvae.images.sources: sources, deterministic augmentation, resumable sharded
+sampling, skipping bad files."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""sdvae.train.losses / sdvae.metrics.lpips / sdvae.train.discriminator: every term's gradient path, KL math, adaptive GAN weight,
-LPIPS weight resolution without network, mixed precision, and DDP.
+"""sdvae.train.losses / sdvae.metrics.lpips / sdvae.train.discriminator: every term's gradient path, KL math,
+adaptive GAN weight, LPIPS weight resolution without network, mixed precision, and DDP.
 
 Fast and CPU-only: the micro `test` VAE on 32×32 images, LPIPS with random (squeezenet/alexnet)
 backbones, a narrow discriminator.

@@ -6,6 +6,27 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from sdvae.train.config import ModelConfig
+
+
+def prepare_vae(vae: AutoencoderKL, cfg: ModelConfig, channels_last: bool = False) -> int:
+    """Put ``vae`` in training shape as configured; returns how many blocks checkpoint their activations.
+
+    Training mode; every parameter trainable except, with ``train_encoder: false``, the encoder and
+    ``quant_conv`` (decoder-only fine-tuning); diffusers' gradient checkpointing with
+    ``gradient_checkpointing: true``; channels-last weights with ``channels_last``.
+    """
+    vae.train().requires_grad_(True)
+    if not cfg.train_encoder:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in vae.modules())
+
 
 class VAEForward(nn.Module):
     """encode → reparameterize → decode in a single ``forward``.
