@@ -28,7 +28,7 @@ def test_help_exits_0_and_lists_every_key():
     for args in (["--help"], [CONFIG, "--train.steps=3", "-h"]):
         proc = _train(*args)
         assert proc.returncode == 0, proc.stderr
-        for key, type_name, _default, comment in config_keys():
+        for key, _type, _default, comment in config_keys():
             assert f"--{key} " in proc.stdout and comment in proc.stdout
 
 
