@@ -145,7 +145,8 @@ def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, 
     if vae_steps != {args.steps} or disc_steps != {args.steps - args.disc_start}:
         failures.append(f"optimizer step counts: vae {vae_steps}, disc {disc_steps}")
     rate = images.shape[0] * (args.steps - timed_from) / seconds
-    return {"what": f"train sdvae {precision} (+disc, LPIPS)", "images_per_s": rate, "peak_gib": _peak_gib(device), "loss": logs["loss"], "disc_loss": logs["disc_loss"],
+    return {"what": f"train sdvae {precision} (+disc, LPIPS)", "images_per_s": rate, "peak_gib": _peak_gib(device),
+            "loss": logs["loss"], "disc_loss": logs["disc_loss"],
             "scaler_updates": len(updates), "final_scale": scaler.get_scale() if scaler else None,
             "ok": not failures, "failures": failures[:5]}
 
