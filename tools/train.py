@@ -37,7 +37,7 @@ from sdvae.model.save import save_diffusers
 from sdvae.train.checkpoint import load_checkpoint, save_checkpoint
 from sdvae.train.config import RunConfig, config_help, config_to_dict, dump_config, load_config
 from sdvae.train.ema import EMA
-from sdvae.train.forward import VAEForward, posterior_noise, prepare_vae
+from sdvae.train.forward import VAEForward, compile_forward, posterior_noise, prepare_vae
 from sdvae.train.launch import log_image, make_accelerator, resolve_config, start_trackers
 from sdvae.train.loaders import build_dataloaders, latent_stats_loader
 from sdvae.train.losses import VAELoss
@@ -91,9 +91,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
                                                cfg.train.steps)
 
     # Modules only: the optimizers stay plain (loss scaling: sdvae.train.optim.optimizer_steps).
-    model = accelerator.prepare(VAEForward(vae))
-    if cfg.train.compile:
-        model = torch.compile(model)
+    model = compile_forward(accelerator.prepare(VAEForward(vae)), cfg.train.compile)
     if use_disc:
         loss_fn.discriminator = accelerator.prepare(loss_fn.discriminator)
     ema = EMA(vae, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None

@@ -61,6 +61,15 @@ class VAEForward(nn.Module):
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
+def compile_forward(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
+    """``train.compile``: ``torch.compile`` the (DDP-wrapped) forward module, or return it unchanged.
+
+    Compiled after ``accelerator.prepare`` so DDP's hooks stay outside the graph (DDPOptimizer splits it
+    at bucket boundaries); ``accelerator.no_sync`` still reaches DDP through the wrapper.
+    """
+    return torch.compile(model, backend=backend) if enabled else model
+
+
 def posterior_noise(indices: torch.Tensor, step: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     """Reparameterization noise that depends only on (seed, step, image index).
 

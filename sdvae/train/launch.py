@@ -35,15 +35,19 @@ def grad_accum_steps(cfg: RunConfig) -> int:
     return steps
 
 
+def set_tf32(allow: bool) -> None:
+    """``train.allow_tf32``: let CUDA fp32 matmuls and convolutions use TF32 tensor cores (or forbid it)."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator: precision from the YAML if set (else accelerate's), trackers per ``log.with``.
 
     Accumulation is done by the training loop itself (``grad_accum_steps``), so accelerate is told 1
     step: its ``backward`` would otherwise divide the loss a second time.
     """
-    if cfg.train.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(cfg.train.allow_tf32)
     return Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
         cpu=not torch.cuda.is_available(),
