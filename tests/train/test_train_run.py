@@ -125,10 +125,6 @@ def test_two_processes_match_one_process(images: Path, tmp_path: Path, disc: boo
     a, b = _final(one), _final(two)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
-    if disc:
-        disc_a = load_file(one / "checkpoints" / "step-00000006" / "loss.safetensors")
-        disc_b = load_file(two / "checkpoints" / "step-00000006" / "loss.safetensors")
-        assert max(float((disc_a[k] - disc_b[k]).abs().max()) for k in disc_a) < 1e-4
     measured = json.loads((one / "metrics.json").read_text())["latent_stats"]
     config = json.loads((one / "final" / "config.json").read_text())
     assert config["scaling_factor"] == pytest.approx(measured["scaling_factor"]) != 0.18215
