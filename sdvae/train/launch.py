@@ -10,6 +10,7 @@ the resolved values into the config saved with the run.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     step: its ``backward`` would otherwise divide the loss a second time.
     """
     set_tf32(cfg.train.allow_tf32)
+    if cfg.log.with_ == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("log.with=wandb: wandb is not installed (pip install wandb), or use log.with=tensorboard")
     return Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
         cpu=not torch.cuda.is_available(),

@@ -28,11 +28,18 @@ FREE_KEYS = frozenset({
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``section.key`` names whose values differ between two config dicts, except :data:`FREE_KEYS`."""
-    keys = {f"{s}.{k}" for cfg in (old, new) for s, sec in cfg.items() if isinstance(sec, dict) for k in sec}
-    return sorted(k for k in keys if k not in FREE_KEYS
-                  and old.get(k.split(".")[0], {}).get(k.split(".")[1]) != new.get(k.split(".")[0], {}).get(
-                      k.split(".")[1]))
+    """``section.key`` names whose values differ between two config dicts, except :data:`FREE_KEYS`.
+
+    Keys missing from one side (a run saved before the key existed) are not counted as changes.
+    """
+    changed = []
+    for section, values in new.items():
+        saved = old.get(section)
+        if not isinstance(values, dict) or not isinstance(saved, dict):
+            continue
+        changed += [f"{section}.{k}" for k, v in values.items()
+                    if k in saved and saved[k] != v and f"{section}.{k}" not in FREE_KEYS]
+    return sorted(changed)
 
 
 def resume_point(out: str | Path, config: dict[str, Any], resume: str) -> tuple[Path | None, bool]:

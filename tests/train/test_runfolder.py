@@ -37,7 +37,8 @@ def test_rerun_with_only_free_keys_resumes(tmp_path: Path):
     new = config_to_dict(load_config(None, [f"--train.out={out}", "--train.steps=100", "--train.val_every=7",
                                             "--log.with=none", "--data.num_workers=0"]))
     assert resume_point(out, new, "auto") == (out / "checkpoints" / "step-00000010", False)
-    assert changed_keys({"train": {"steps": 1}}, {"train": {"steps": 1, "seed": 2}}) == ["train.seed"]
+    assert changed_keys({"train": {"steps": 1, "seed": 1}}, {"train": {"steps": 1, "seed": 2}}) == ["train.seed"]
+    assert changed_keys({"train": {"steps": 1}}, {"train": {"steps": 1, "compile": True}}) == []  # older run
 
 
 def test_resume_never_moves_old_checkpoints_aside_and_path_resumes_from_there(tmp_path: Path):
