@@ -70,6 +70,8 @@ def resolve_config(cfg: RunConfig, accelerator: Accelerator) -> RunConfig:
         UserError: ``train.num_processes`` is set and the launch started another number of processes.
     """
     procs = accelerator.num_processes
+    if cfg.train.keep_checkpoints < 0:
+        raise UserError(f"train.keep_checkpoints: must be >= 0 (0 keeps all), got {cfg.train.keep_checkpoints}")
     if cfg.train.num_processes is not None and cfg.train.num_processes != procs:
         raise UserError(f"train.num_processes={cfg.train.num_processes} but the launcher started {procs} "
                         "process(es); launch that many or set train.num_processes to null")
