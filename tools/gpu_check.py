@@ -81,6 +81,11 @@ def _peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
 
 
+def _adam_steps(opt: torch.optim.Optimizer) -> int:
+    """How many steps (Adam)W has taken (0 before the first)."""
+    return max((int(s["step"]) for s in opt.state.values() if "step" in s), default=0)
+
+
 def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, lpips_net) -> dict:
     """Our training step (train.py's pieces) for ``args.steps`` steps in ``precision``; checks + speed."""
     device, dtype = args.device, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -99,16 +104,16 @@ def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, 
         scaler.update = lambda *a, **k: (updates.append(1), original_update(*a, **k))[1]
     last_layer = vae.decoder.conv_out.weight
     failures: list[str] = []
+    skipped = 0
     eps_gen = torch.Generator().manual_seed(1)
     latent = args.size // downsample_factor(vae)
     _reset_peak(device)
     timed_from = min(3, args.steps - 1)
-    start = 0.0
+    seconds = 0.0  # training work only (steps from timed_from on): the checks below are not timed
     for step in range(args.steps):
-        if step == timed_from:
-            _sync(device)
-            start = time.perf_counter()
         eps = torch.randn(images.shape[0], vae.config.latent_channels, latent, latent, generator=eps_gen).to(device)
+        _sync(device)
+        tick = time.perf_counter()
         with torch.autocast(device.split(":")[0], dtype=dtype):
             recon, mean, logvar = model(images, eps)
             g_loss, g_logs = loss_fn.generator_loss(images, recon, mean, logvar, step, last_layer)
@@ -116,14 +121,28 @@ def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, 
         with torch.autocast(device.split(":")[0], dtype=dtype):
             d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step)
         (scaler.scale(d_loss) if scaler else d_loss).backward()
+        _sync(device)
+        seconds += (time.perf_counter() - tick) if step >= timed_from else 0.0
         disc_on = loss_fn.disc_active(step)
         scaled = [p.grad.detach().clone() for p in loss_fn.discriminator.parameters()] if disc_on and scaler else None
         scale = scaler.get_scale() if scaler else 1.0
-        before = len(updates)
+        before, counts = len(updates), (_adam_steps(opt), _adam_steps(disc_opt))
+        tick = time.perf_counter()
         optimizer_steps(scaler, opt, list(vae.parameters()), 1.0, disc_opt if disc_on else None)
+        _sync(device)
+        seconds += (time.perf_counter() - tick) if step >= timed_from else 0.0
         if scaler is not None and len(updates) - before != 1:
             failures.append(f"step {step}: {len(updates) - before} scaler updates")
-        if scaled is not None:  # scaler.step unscaled the discriminator's grads in place: exactly once?
+        # Both optimizers step on every iteration (the discriminator from disc_start), except an fp16
+        # step the scaler skipped for inf/NaN gradients, which lowers the scale.
+        backed_off = scaler is not None and scaler.get_scale() < scale
+        skipped += backed_off
+        if _adam_steps(opt) != counts[0] + 1 and not backed_off:
+            failures.append(f"step {step}: the VAE's optimizer did not step")
+        if disc_on and _adam_steps(disc_opt) != counts[1] + 1 and not backed_off:
+            failures.append(f"step {step}: the discriminator's optimizer did not step")
+        if scaled is not None and all(bool(torch.isfinite(g).all()) for g in scaled):
+            # scaler.step unscaled the discriminator's grads in place: exactly once?
             for p, s in zip(loss_fn.discriminator.parameters(), scaled, strict=True):
                 if not torch.allclose(p.grad, s / scale, rtol=1e-3, atol=1e-12):
                     failures.append(f"step {step}: discriminator gradients not unscaled exactly once")
@@ -133,21 +152,20 @@ def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, 
         logs = {**g_logs, **d_logs}
         if not all(math.isfinite(v) for v in logs.values()):
             failures.append(f"step {step}: non-finite loss {logs}")
-    _sync(device)
-    seconds = time.perf_counter() - start
     state_dtypes = {t.dtype for s in [*opt.state.values(), *disc_opt.state.values()] for t in s.values()
                     if torch.is_tensor(t) and t.is_floating_point()}
     param_dtypes = {p.dtype for p in [*vae.parameters(), *loss_fn.discriminator.parameters()]}
     if param_dtypes != {torch.float32} or state_dtypes - {torch.float32}:
         failures.append(f"master weights/states not fp32: {param_dtypes} {state_dtypes}")
-    vae_steps = {int(s["step"]) for s in opt.state.values()}
-    disc_steps = {int(s["step"]) for s in disc_opt.state.values()}
-    if vae_steps != {args.steps} or disc_steps != {args.steps - args.disc_start}:
-        failures.append(f"optimizer step counts: vae {vae_steps}, disc {disc_steps}")
+    if _adam_steps(opt) < args.steps - skipped or _adam_steps(disc_opt) < args.steps - args.disc_start - skipped:
+        failures.append(f"optimizer step counts: vae {_adam_steps(opt)}, disc {_adam_steps(disc_opt)}, "
+                        f"{skipped} skipped")
     rate = images.shape[0] * (args.steps - timed_from) / seconds
     return {"what": f"train sdvae {precision} (+disc, LPIPS)", "images_per_s": rate, "peak_gib": _peak_gib(device),
             "loss": logs["loss"], "disc_loss": logs["disc_loss"],
-            "scaler_updates": len(updates), "final_scale": scaler.get_scale() if scaler else None,
+            "scaler_updates": len(updates), "skipped_steps": skipped,
+            "vae_steps": _adam_steps(opt), "disc_steps": _adam_steps(disc_opt),
+            "final_scale": scaler.get_scale() if scaler else None,
             "ok": not failures, "failures": failures[:5]}
 
 
@@ -234,7 +252,8 @@ def markdown(rows: list[dict]) -> str:
             return "–"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    cols = ["what", "ok", "images_per_s", "seconds", "peak_gib", "psnr_vs_fp32", "loss", "scaler_updates"]
+    cols = ["what", "ok", "images_per_s", "seconds", "peak_gib", "psnr_vs_fp32", "loss", "vae_steps", "disc_steps",
+            "scaler_updates", "skipped_steps"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
