@@ -111,3 +111,50 @@ def test_ema_averages_warms_up_and_round_trips():
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 1
     assert all(torch.equal(restored.shadow[k], ema.shadow[k]) for k in ema.shadow)
+
+
+def test_no_yes_on_off_are_strings_for_string_keys_and_booleans_for_bool_keys(tmp_path: Path):
+    cfg = load_config(None, ["--train.mixed_precision=no", "--data.flip=off", "--model.train_encoder=no",
+                             "--loss.disc_adaptive_weight=yes"])
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.data.flip is False and cfg.model.train_encoder is False and cfg.loss.disc_adaptive_weight is True
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  flip: on\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.data.flip is True
+    assert load_config(None, ["--train.mixed_precision=null"]).train.mixed_precision is None
+    with pytest.raises(UserError, match=r"train\.mixed_precision: .maybe. is not one of"):
+        load_config(None, ["--train.mixed_precision=maybe"])
+
+
+def test_launcher_keys_default_to_unset_and_log_with_round_trips(tmp_path: Path):
+    cfg = RunConfig()
+    assert cfg.train.mixed_precision is None and cfg.train.grad_accum is None and cfg.train.num_processes is None
+    cfg = load_config(None, ["--log.with=none", "--train.grad_accum=3"])
+    assert cfg.log.with_ == "none" and cfg.train.grad_accum == 3
+    text = dump_config(cfg)
+    assert "with: none" in text and "with_" not in text
+    saved = tmp_path / "config.yaml"
+    saved.write_text(text)
+    assert load_config(saved) == cfg
+
+
+def test_help_lists_every_key_with_type_default_and_comment():
+    from sdvae.train.config import config_help, config_keys
+
+    rows = config_keys()
+    assert {r[0] for r in rows} >= {"train.mixed_precision", "log.with", "optim.scale_lr", "train.resume"}
+    assert all(comment for *_, comment in rows), [r[0] for r in rows if not r[3]]
+    text = config_help()
+    for key, type_name, _default, comment in rows:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{key} "))
+        assert type_name in line and comment in line
+    assert "--train.mixed_precision" in text and "no|bf16|fp16 or null (default null)" in text
+
+
+def test_scale_lr_is_ldms_batch_times_processes_times_accumulation():
+    from sdvae.train.optim import effective_lr
+
+    assert effective_lr(4.5e-6, OptimConfig(scale_lr=True), 12, 8, 2) == pytest.approx(4.5e-6 * 12 * 8 * 2)
+    assert effective_lr(4.5e-6, OptimConfig(scale_lr=False), 12, 8, 2) == 4.5e-6
+    assert load_config(Path(__file__).resolve().parent.parent / "configs" / "sd-kl-f8.yaml").optim.scale_lr

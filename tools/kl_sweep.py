@@ -137,14 +137,18 @@ def check_run_folder(run: Path, cfg: RunConfig) -> None:
     changed config or override would otherwise mix two recipes into one figure without a word.
 
     Raises:
-        UserError: ``run/config.yaml`` differs from ``cfg`` in any key but ``train.out``.
+        UserError: ``run/config.yaml`` differs from ``cfg`` in any key but ``train.out`` (keys ``cfg`` leaves
+            to the launcher, null, match whatever was resolved).
     """
     recorded = run / "config.yaml"
     if not recorded.is_file():
         return
     old = _dotted(yaml.safe_load(recorded.read_text()) or {})
     new = _dotted(config_to_dict(cfg))
-    changed = [k for k in sorted(old.keys() | new.keys()) if k != "train.out" and old.get(k) != new.get(k)]
+    # config.yaml records launcher-resolved values (train.mixed_precision/grad_accum/num_processes) where the
+    # config leaves them null, and lacks keys added since it was written: neither is a different recipe.
+    changed = [k for k in sorted(old.keys() & new.keys())
+               if k != "train.out" and new[k] is not None and old[k] != new[k]]
     if changed:
         key = changed[0]
         raise UserError(f"{run} was trained with {key}={old.get(key)!r}, this sweep asks for {new.get(key)!r} "

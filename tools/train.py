@@ -4,13 +4,16 @@
     accelerate launch tools/train.py configs/NAME.yaml [--section.key=value ...]
     python tools/train.py configs/test.yaml --train.steps=20          # single process
     torchrun --nproc_per_node 2 tools/train.py configs/test.yaml      # CPU (gloo) works too
+    python tools/train.py --help                                       # every key: type, default, meaning
+    python tools/train.py configs/NAME.yaml --print-config             # the resolved config, then exit
 
 One ``main(cfg)`` read top to bottom. Loss math is in ``sdvae.train.losses``, data in ``sdvae.train.datasets``,
-checkpoints in ``sdvae.train.checkpoint``. Properties this script keeps (each is tested):
-the forward pass goes through the module ``accelerator.prepare`` returned (DDP + autocast), the
-trainable weights stay fp32 under mixed precision, the VAE and the discriminator both update on every
-optimizer step once the discriminator starts, the discriminator step never touches the VAE's
-gradients, and kill-and-resume is bit-exact.
+checkpoints in ``sdvae.train.checkpoint``, launcher resolution in ``sdvae.train.launch``. Properties this
+script keeps (each is tested): the forward pass goes through the module ``accelerator.prepare`` returned
+(DDP + autocast), the trainable weights stay fp32 under mixed precision, the VAE and the discriminator
+both update on every optimizer step once the discriminator starts, the discriminator step never touches
+the VAE's gradients, fp16 loss scaling has one unscale/step per optimizer and one update per iteration,
+N processes match 1 process on the same global batch, and kill-and-resume is bit-exact.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from sdvae.atomic import atomic_file
@@ -33,38 +34,48 @@ from sdvae.errors import UserError
 from sdvae.model.info import downsample_factor
 from sdvae.model.load import load_vae
 from sdvae.model.save import save_diffusers
-from sdvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sdvae.train.config import RunConfig, dump_config, load_config
+from sdvae.train.checkpoint import load_checkpoint, save_checkpoint
+from sdvae.train.config import RunConfig, config_help, config_to_dict, dump_config, load_config
 from sdvae.train.ema import EMA
-from sdvae.train.forward import VAEForward, posterior_noise
-from sdvae.train.loaders import build_dataloaders
+from sdvae.train.forward import VAEForward, compile_forward, posterior_noise, prepare_vae
+from sdvae.train.launch import log_image, make_accelerator, resolve_config, start_trackers
+from sdvae.train.loaders import build_dataloaders, latent_stats_loader
 from sdvae.train.losses import VAELoss
-from sdvae.train.optim import build_optimizer
-from sdvae.train.validation import reconstruction_metrics, save_comparison_grid
+from sdvae.train.optim import build_optimizer, effective_lr, optimizer_steps
+from sdvae.train.runfolder import move_checkpoints_aside, resume_point
+from sdvae.train.validation import (
+    measure_latent_stats,
+    reconstruction_metrics,
+    save_comparison_grid,
+    write_measured_scaling,
+)
 
 
 def main(cfg: RunConfig) -> dict[str, float]:
     """Run (or resume) training as configured; returns the last validation metrics."""
     out = Path(cfg.train.out)
-    accelerator = Accelerator(
-        # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
-        # Frozen encoder (decoder-only fine-tuning) leaves parameters without gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.model.train_encoder)],
-    )
+    accelerator = make_accelerator(cfg)  # precision/accumulation/processes: the YAML's if set, else the launcher's
+    cfg = resolve_config(cfg, accelerator)
     main_proc, device = accelerator.is_main_process, accelerator.device
+    ga, procs = cfg.train.grad_accum, accelerator.num_processes
+    lr = effective_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size, procs, ga)
+    disc_lr = effective_lr(cfg.optim.disc_lr or cfg.optim.lr, cfg.optim, cfg.train.batch_size, procs, ga)
+    accelerator.print(f"mixed_precision {cfg.train.mixed_precision}, grad_accum {ga}, processes {procs}, "
+                      f"global batch {cfg.train.batch_size * procs * ga}, lr {lr:.3e}"
+                      + (f" (scale_lr: {cfg.optim.lr:.3e} x {cfg.train.batch_size} x {procs} x {ga})"
+                         if cfg.optim.scale_lr else ""))
+    # Refuse a rerun that would change this folder's trajectory (read-only, on every rank), then act.
+    resume_from, move_aside = resume_point(out, config_to_dict(cfg), cfg.train.resume)
+    accelerator.wait_for_everyone()
+    if main_proc and move_aside:
+        accelerator.print(f"train.resume=never: previous checkpoints moved to {move_checkpoints_aside(out)}")
     torch.manual_seed(cfg.train.seed)  # same initial weights (discriminator, learned logvar) on every rank
 
     # --- model, losses, optimizers -------------------------------------------------------------
-    vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups).train()
-    vae.requires_grad_(True)
-    if not cfg.model.train_encoder:
-        vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:
-            vae.quant_conv.requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
+    vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups)
+    checkpointed = prepare_vae(vae, cfg.model, channels_last=cfg.train.channels_last)  # trainable parts etc.
+    accelerator.print(f"gradient checkpointing: {checkpointed} blocks" if checkpointed else
+                      "gradient checkpointing: off")
     factor = downsample_factor(vae)
     if cfg.data.resolution % factor:
         raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the downsampling factor {factor}")
@@ -72,26 +83,25 @@ def main(cfg: RunConfig) -> dict[str, float]:
     loss_fn = VAELoss(cfg.loss).to(device)
     use_disc = cfg.loss.disc_weight > 0
 
-    opt, sched = build_optimizer([*vae.parameters(), *loss_fn.trainable_parameters()], cfg.optim.lr,
-                                 cfg.optim, cfg.train.steps)
+    opt, sched = build_optimizer([*vae.parameters(), *loss_fn.trainable_parameters()], lr, cfg.optim,
+                                 cfg.train.steps)
     disc_opt = disc_sched = None
     if use_disc:
-        disc_opt, disc_sched = build_optimizer(loss_fn.discriminator.parameters(), cfg.optim.disc_lr or cfg.optim.lr,
-                                               cfg.optim, cfg.train.steps)
+        disc_opt, disc_sched = build_optimizer(loss_fn.discriminator.parameters(), disc_lr, cfg.optim,
+                                               cfg.train.steps)
 
-    model = accelerator.prepare(VAEForward(vae))
-    opt = accelerator.prepare(opt)
+    # Modules only: the optimizers stay plain (loss scaling: sdvae.train.optim.optimizer_steps).
+    model = compile_forward(accelerator.prepare(VAEForward(vae)), cfg.train.compile)
     if use_disc:
-        loss_fn.discriminator, disc_opt = accelerator.prepare(loss_fn.discriminator, disc_opt)
+        loss_fn.discriminator = accelerator.prepare(loss_fn.discriminator)
     ema = EMA(vae, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     eval_vae = copy.deepcopy(vae).eval().requires_grad_(False)  # holds EMA (or current) weights for validation
 
     # --- resume ----------------------------------------------------------------------------------
     modules = {"vae": vae, "loss": loss_fn.state_module()}
-    optimizers = {"vae": opt.optimizer} | ({"disc": disc_opt.optimizer} if use_disc else {})
+    optimizers = {"vae": opt} | ({"disc": disc_opt} if use_disc else {})
     schedulers = {"vae": sched} | ({"disc": disc_sched} if use_disc else {})
     start_step, run_meta = 0, {"skipped": 0, "seconds": 0.0}
-    resume_from = latest_checkpoint(out)
     if resume_from is not None:
         start_step, extra, run_meta = load_checkpoint(resume_from, modules=modules, optimizers=optimizers,
                                                       schedulers=schedulers, rank=accelerator.process_index)
@@ -100,32 +110,26 @@ def main(cfg: RunConfig) -> dict[str, float]:
     accelerator.wait_for_everyone()
 
     # --- data ------------------------------------------------------------------------------------
-    ga = cfg.train.grad_accum
     train_loader, val_loader, data_info = build_dataloaders(
-        cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes,
+        cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, procs,
         start_step=start_step * ga, skip_log_path=out / f"skipped-rank{accelerator.process_index}.txt")
     batches = iter(train_loader)
 
-    writer = None
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "config.yaml") as tmp:
-            tmp.write_text(dump_config(cfg))
-        if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tensorboard"))
+            tmp.write_text(dump_config(cfg))  # the resolved config (launcher-decided keys filled in)
         accelerator.print(f"data: {data_info}; resuming from {resume_from}" if resume_from else f"data: {data_info}")
+    start_trackers(accelerator, cfg)
 
     def validate(step: int) -> dict[str, float]:
-        """EMA weights on the held-out images: PSNR/SSIM scalars and an original|reconstruction grid."""
+        """EMA weights on the held-out images: PSNR/SSIM scalars and samples/step-N.png (original|reconstruction)."""
         (ema.copy_to(eval_vae) if ema is not None else eval_vae.load_state_dict(vae.state_dict()))
         metrics, pairs = reconstruction_metrics(eval_vae, val_loader, device)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, step)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        if pairs:
             grid = save_comparison_grid(pairs, out / "samples" / f"step-{step:08d}.png")
-            writer.add_image("val/original|reconstruction", grid, step)
+            log_image(accelerator, "val/original|reconstruction", grid, step)
         return metrics
 
     def checkpoint(step: int) -> None:
@@ -137,6 +141,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
     # --- train -----------------------------------------------------------------------------------
     last_layer = vae.decoder.conv_out.weight  # for the adaptive GAN weight (LDM)
     trainable = [p for p in [*vae.parameters(), *loss_fn.trainable_parameters()] if p.requires_grad]
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
     metrics: dict[str, float] = {}
     tick, images_seen = time.perf_counter(), 0
@@ -145,7 +150,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
         for micro in range(ga):
             batch = next(batches)
             run_meta["skipped"] += int(batch["skipped"])
-            images = batch["pixels"].to(device)
+            images = batch["pixels"].to(device, memory_format=memory_format)
             eps = posterior_noise(batch["index"], step * ga + micro, latent_shape, cfg.train.seed).to(device)
             # Gradients are all-reduced only on the last micro-batch of an accumulation.
             sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
@@ -153,25 +158,25 @@ def main(cfg: RunConfig) -> dict[str, float]:
                 with accelerator.autocast():
                     recon, mean, logvar = model(images, eps)
                     g_loss, g_logs = loss_fn.generator_loss(images, recon, mean, logvar, step, last_layer)
-                accelerator.backward(g_loss / ga)
+                accelerator.backward(g_loss / ga)  # fp16: scaled by accelerate's GradScaler
             if use_disc:
                 with accelerator.no_sync(loss_fn.discriminator) if micro < ga - 1 else contextlib.nullcontext():
                     with accelerator.autocast():
                         d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step)
-                    accelerator.backward(d_loss / ga)
+                    accelerator.backward(d_loss / ga)  # the same scaler: one loss scale per iteration
                 g_logs |= d_logs
             for k, v in g_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / ga
-            images_seen += images.shape[0] * accelerator.num_processes
+            images_seen += images.shape[0] * procs
         loss_fn.all_reduce_trainable_grads()  # the learned logvar lives outside every DDP module
-        if cfg.optim.grad_clip > 0:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip))
-        opt.step()
+        disc_steps = use_disc and loss_fn.disc_active(step)  # before disc_start Adam would count empty steps
+        # One unscale_/step per optimizer, one scaler update per iteration; only the VAE's grads are clipped.
+        grad_norm = optimizer_steps(accelerator.scaler, opt, trainable, cfg.optim.grad_clip,
+                                    disc_opt if disc_steps else None)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if use_disc:  # every step once started, alongside the VAE (not alternating)
-            if loss_fn.disc_active(step):  # before that Adam would count empty steps
-                disc_opt.step()
+            if disc_steps:
                 disc_sched.step()
             disc_opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -179,6 +184,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
         done = step + 1
         if not all(math.isfinite(v) for v in logs.values()):
             raise RuntimeError(f"non-finite loss at step {done}: {logs}")
+        if grad_norm is not None:  # may be inf on an fp16 step the scaler skipped
+            logs["grad_norm"] = grad_norm
 
         if main_proc and (done % cfg.log.every == 0 or done == cfg.train.steps):
             elapsed = time.perf_counter() - tick
@@ -186,11 +193,9 @@ def main(cfg: RunConfig) -> dict[str, float]:
             run_meta["seconds"] += elapsed
             tick, images_seen = time.perf_counter(), 0
             bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4f}", img_s=f"{rate:.1f}")
-            if writer is not None:
-                for k, v in logs.items():
-                    writer.add_scalar(f"train/{k}", v, done)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], done)
-                writer.add_scalar("train/images_per_s", rate, done)
+            scale = {"train/loss_scale": accelerator.scaler.get_scale()} if accelerator.scaler is not None else {}
+            accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": sched.get_last_lr()[0],
+                             "train/images_per_s": rate, **scale}, step=done)
         bar.update(1)
         if main_proc and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
             metrics = validate(done)
@@ -203,31 +208,47 @@ def main(cfg: RunConfig) -> dict[str, float]:
     checksums = accelerator.gather(checksum).cpu()
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"parameters differ across processes: checksums {checksums.tolist()}")
-    accelerator.print(f"parameters identical on all {accelerator.num_processes} process(es): "
-                      f"checksum {float(checksum):.10e}")
+    accelerator.print(f"parameters identical on all {procs} process(es): checksum {float(checksum):.10e}")
 
     # --- export ----------------------------------------------------------------------------------
     if main_proc:
         if not metrics:
             metrics = validate(cfg.train.steps)
         (ema.copy_to(eval_vae) if ema is not None else eval_vae.load_state_dict(vae.state_dict()))
+        eval_vae.to(memory_format=torch.contiguous_format)
         save_diffusers(eval_vae, out / "final", overwrite=True)
         summary = {**metrics, "steps": cfg.train.steps, "skipped_images": run_meta["skipped"],
                    "train_seconds": round(run_meta["seconds"], 1), "weights": "ema" if ema is not None else "raw"}
+        if cfg.model.train_encoder:  # the final encoder's latents: measured scaling_factor (latent-stats' math)
+            stats = measure_latent_stats(eval_vae, latent_stats_loader(cfg.data, cfg.train.batch_size,
+                                                                       cfg.train.seed), device)
+            written = write_measured_scaling(out / "final", stats)
+            summary["latent_stats"] = {**stats.to_dict(), "written": written}
+            accelerator.print(f"final/config.json: measured on {stats.rows} images' latents: "
+                              + ", ".join(f"{k} {v:.6g}" for k, v in written.items() if v is not None))
+        else:
+            accelerator.print(f"final/config.json: encoder frozen, scaling_factor {vae.config.scaling_factor} "
+                              "kept from model.init")
         with atomic_file(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-        if writer is not None:
-            writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: tools/train.py CONFIG.yaml [--section.key=value ...]")
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        print(config_help(), end="")
+        sys.exit(0)
+    if not args or args[0].startswith("-"):
+        sys.exit("usage: tools/train.py CONFIG.yaml [--section.key=value ...] [--print-config] (--help: all keys)")
     try:
-        main(load_config(sys.argv[1], sys.argv[2:]))
+        config = load_config(args[0], [a for a in args[1:] if a != "--print-config"])
+        if "--print-config" in args:
+            print(dump_config(resolve_config(config, make_accelerator(config))), end="")
+            sys.exit(0)
+        main(config)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)

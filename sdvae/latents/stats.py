@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sdvae.atomic import atomic_file
 from sdvae.errors import UserError
@@ -158,15 +159,42 @@ def compute_latent_stats(path: str | os.PathLike[str], over: str = "auto") -> La
     return moments.result(over, int(meta["rows"]))
 
 
+def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> LatentStats:
+    """The ``posterior`` statistics of ``sdvae latent-stats`` for posteriors held in memory.
+
+    Same definition and the same exact float64 merge as :func:`compute_latent_stats` (which reads an
+    ``encode-dataset`` output): E[z] = E[mean], Var[z] = Var[mean] + E[σ²].
+
+    Args:
+        posteriors: ``(mean, logvar)`` pairs of (B, C, h, w) tensors (any float dtype/device).
+
+    Raises:
+        UserError: no posterior given.
+    """
+    moments: _Moments | None = None
+    rows = 0
+    for mean, logvar in posteriors:
+        c = mean.shape[1]
+        flat = [t.detach().double().cpu().transpose(0, 1).reshape(c, -1).numpy() for t in (mean, logvar)]
+        if moments is None:
+            moments = _Moments(c)
+        moments.add(flat[0], np.exp(flat[1]))
+        rows += mean.shape[0]
+    if moments is None:
+        raise UserError("no latents to measure")
+    return moments.result("posterior", rows)
+
+
 def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
-                         per_channel: bool = False) -> tuple[Path, dict[str, Any]]:
+                         per_channel: bool = False, shift: bool = True) -> tuple[Path, dict[str, Any]]:
     """Write the recommended scaling into a diffusers folder's config.json (atomically).
 
     Without ``per_channel``: ``scaling_factor`` = 1/std and ``shift_factor`` = mean, and
     ``latents_mean``/``latents_std`` are cleared (they would take precedence, see
     :func:`sdvae.latents.scaling.scale_latents`). With it: ``latents_mean``/``latents_std`` per channel and
     ``scaling_factor`` 1.0, ``shift_factor`` cleared, so that scaled latents again have unit variance
-    (the per-channel rule is ``(z - latents_mean) * scaling_factor / latents_std``).
+    (the per-channel rule is ``(z - latents_mean) * scaling_factor / latents_std``). ``shift=False``
+    (a model without a ``shift_factor``, e.g. SD 1.x/2.x) writes only ``scaling_factor`` = 1/std.
 
     Returns:
         (the config.json written, the keys written with their values).
@@ -191,9 +219,11 @@ def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
     if per_channel:
         updates = {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": stats.channel_mean,
                    "latents_std": stats.channel_std}
-    else:
+    elif shift:
         updates = {"scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
                    "latents_mean": None, "latents_std": None}
+    else:
+        updates = {"scaling_factor": stats.scaling_factor, "latents_mean": None, "latents_std": None}
     config.update(updates)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")

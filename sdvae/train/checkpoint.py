@@ -4,7 +4,7 @@ A checkpoint ``OUT/checkpoints/step-00000020/`` holds every module's weights, ev
 state (tensors in safetensors, hyper-parameters in JSON), schedulers, the EMA, and each process's RNG
 states, i.e. everything needed for a bit-exact resume. It is written under a temporary name and
 renamed when complete, so a kill at any moment leaves either the whole checkpoint or none; only the
-newest ``keep`` are kept.
+newest ``keep`` are kept (``keep=0``: all).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def save_checkpoint(
         meta: JSON-able run state (e.g. skipped-image count).
         rank, is_main, barrier: process info and a synchronisation callable (accelerate's
             ``wait_for_everyone``) so the folder is renamed only when every rank has written.
-        keep: how many checkpoints to keep (older ones are deleted after the new one is complete).
+        keep: how many checkpoints to keep (older ones are deleted after the new one is complete);
+            0 keeps all (``train.keep_checkpoints: 0``).
     """
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -134,8 +135,9 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(p for p in final.parent.glob("step-*") if _NAME.match(p.name))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            for old in sorted(p for p in final.parent.glob("step-*") if _NAME.match(p.name))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

@@ -8,6 +8,11 @@ silently with a default. The resolved config is written with the run (:func:`dum
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import keyword
+import re
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +24,38 @@ import yaml
 from sdvae.errors import UserError
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so ``no``/``yes``/``on``/``off``
+    stay strings (``mixed_precision: no`` is the string "no"); bool keys accept them (see ``_coerce``)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _field_name(key: str) -> str:
+    """YAML key -> dataclass attribute (``with`` is a Python keyword: stored as ``with_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _yaml_key(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 @dataclass
 class ModelConfig:
     """Which VAE to train and which parts of it."""
 
     init: str = "tiny"  # any sdvae.model.load.load_vae reference: preset, folder, single file, hub id
     train_encoder: bool = True  # False: decoder-only fine-tuning (the sd-vae-ft-mse recipe)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # > 0: regroup every GroupNorm of `init` to this many groups before training (sdvae.model.build.regroup_norms)
     norm_num_groups: int = 0
 
@@ -36,12 +66,12 @@ class DataConfig:
 
     train: str = ""  # image folder (recursive), datasets name, local datasets folder or parquet file/glob
     val: str = ""  # same kinds; empty: hold out `val_count` images of `train`
-    image_column: str = "image"
-    split: str = "train"
+    image_column: str = "image"  # column holding the images (datasets / parquet sources)
+    split: str = "train"  # datasets split to read
     resolution: int = 256  # square crop side in pixels (a multiple of the downsampling factor)
     resize: int = 0  # resize the shorter side to this before cropping; 0: no resize
-    crop: Literal["random", "center"] = "random"
-    flip: bool = True
+    crop: Literal["random", "center"] = "random"  # training crop position
+    flip: bool = True  # random horizontal flips
     mosaic: int = 1  # m > 1: train on m×m grids of (resolution/m)² crops of different images (see TrainDataset)
     # Non-empty: each training item draws its grid side from this list (repeats weight it), e.g.
     # [1, 2, 4, 4]; small images are upscaled to the tile side. Validation keeps `mosaic`.
@@ -50,37 +80,42 @@ class DataConfig:
     # [0.5, 2], per-channel offset ±0.4, see TrainDataset): teaches images dominated by one colour.
     color_cast: float = 0.0
     val_count: int = 8  # held-out images (a validation item is a mosaic of m² of them)
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes per training process (0: load in the main process)
 
 
 @dataclass
 class LossConfig:
     """Weights of each ELBO / perceptual / adversarial term (see sdvae.train.losses)."""
 
-    recon: Literal["l1", "mse"] = "l1"
-    recon_weight: float = 1.0
-    lpips_weight: float = 0.0
-    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    recon: Literal["l1", "mse"] = "l1"  # per-pixel reconstruction term
+    recon_weight: float = 1.0  # weight of the reconstruction term
+    lpips_weight: float = 0.0  # weight of the LPIPS perceptual term (LDM: 1.0); 0: LPIPS off
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"  # LPIPS backbone (LDM: vgg)
     lpips_weights: str = ""  # local path to LPIPS backbone+linear weights; empty: torch hub cache
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # KL weight in LDM's units (LDM kl-f8: 1e-6)
     learned_logvar: bool = False  # LDM's learned scalar log-variance NLL
-    disc_weight: float = 0.0
-    disc_start: int = 50001
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_adaptive_weight: bool = True
-    disc_layers: int = 3
+    disc_weight: float = 0.0  # PatchGAN weight (LDM: 0.5); 0: no discriminator
+    disc_start: int = 50001  # optimizer step from which the adversarial terms count (LDM: 50001)
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"  # discriminator loss
+    disc_adaptive_weight: bool = True  # LDM's gradient-norm-balanced GAN weight
+    disc_layers: int = 3  # PatchGAN stride-2 layers (3: 70x70 patches)
+    # PatchGAN normalisation: batch (LDM; synchronised over processes under DDP, so any process count
+    # gives the 1-process result), group or none (batch-statistics-free)
+    disc_norm: Literal["batch", "group", "none"] = "batch"
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and schedule (AdamW for the VAE and the discriminator)."""
 
-    lr: float = 4.5e-6
-    disc_lr: float = 0.0  # 0: same as lr
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    lr: float = 4.5e-6  # learning rate (with scale_lr: per image, LDM's base_learning_rate)
+    disc_lr: float = 0.0  # 0: same as lr (scaled like lr with scale_lr)
+    # LDM's scale_lr: effective lr = lr x batch_size x processes x grad_accum (printed at start)
+    scale_lr: bool = False
+    betas: tuple[float, float] = (0.5, 0.9)  # AdamW betas (LDM: 0.5, 0.9)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warmup steps
+    schedule: Literal["constant", "cosine"] = "constant"  # lr schedule after warmup
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # 0: no clipping
 
@@ -89,24 +124,35 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch, precision, checkpoints."""
 
-    out: str = "runs/default"
-    steps: int = 1000
+    out: str = "runs/default"  # run folder (config.yaml, checkpoints/, samples/, final/, logs)
+    steps: int = 1000  # optimizer steps
     batch_size: int = 12  # per process
-    grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    # micro-batches per optimizer step; null: accelerate's (launch --gradient_accumulation_steps / env), else 1
+    grad_accum: int | None = None
+    # no | bf16 | fp16; null: accelerate decides (launch --mixed_precision, accelerate config, env)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    num_processes: int | None = None  # null: as launched; set: refuse to run under another process count
+    seed: int = 0  # initial weights, data order, augmentation and posterior noise
     ema_decay: float = 0.999  # 0: no EMA
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    val_every: int = 500
+    checkpoint_every: int = 500  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept; 0: keep all
+    val_every: int = 500  # optimizer steps between validations (metrics + samples/step-N.png)
+    # auto: continue the newest checkpoint of `out` (refused if a trajectory-changing key differs);
+    # never: fresh run in `out` (old checkpoints moved aside); a path: resume from that checkpoint/run folder
+    resume: str = "auto"
+    allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions in fp32 (faster on Ampere+, ~1e-3 relative)
+    compile: bool = False  # torch.compile the forward module (after DDP wrapping)
+    channels_last: bool = False  # channels-last memory format for weights and images (faster convs on GPU)
 
 
 @dataclass
 class LogConfig:
-    """Progress and TensorBoard."""
+    """Progress and trackers."""
 
-    every: int = 10
-    tensorboard: bool = True
+    every: int = 10  # optimizer steps between logged training scalars
+    # accelerate tracker(s): tensorboard | wandb | all | none (samples/step-N.png are written whatever this is)
+    with_: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    project: str = "sdvae"  # tracker project name (wandb)
 
 
 @dataclass
@@ -139,8 +185,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin in (typing.Union, types.UnionType):
-        return value
+    if origin in (typing.Union, types.UnionType):  # X | None: null, or an X
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
@@ -150,6 +199,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
+    if hint is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
     raise UserError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -159,17 +210,21 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {_yaml_key(f.name) for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         what = f"{where}: unknown key(s)" if where else "unknown section(s)"
         raise UserError(f"{what} {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {_field_name(k): _coerce(v, hints[_field_name(k)], f"{where}.{k}" if where else k)
+              for k, v in data.items()}
     return cls(**kwargs)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """Turn ``["--loss.kl_weight=1e-6", "--train.steps", "10"]`` into a nested dict (values parsed as YAML)."""
+    """Turn ``["--loss.kl_weight=1e-6", "--train.steps", "10"]`` into a nested dict.
+
+    Values are parsed as YAML 1.2 (``no``/``off`` stay strings; bool keys accept them, see ``_Loader``).
+    """
     nested: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -187,7 +242,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _load_yaml(raw)
         i += 1
     return nested
 
@@ -215,7 +270,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _load_yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"{p}: invalid YAML ({str(err).splitlines()[0]})") from None
     data = _merge(data, parse_overrides(overrides or []))
@@ -229,7 +284,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {_yaml_key(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
@@ -238,3 +293,73 @@ def _plain(obj: Any) -> Any:
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML text; ``load_config`` of it gives back an equal config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# --help: every key with its type, default and comment, read from the dataclasses above
+# --------------------------------------------------------------------------------------------------
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the source: the trailing ``# ...`` or the ``#`` lines just above."""
+    source = inspect.getsource(cls)
+    found: dict[str, str] = {}
+    above: list[str] = []
+    lines = source.splitlines()
+    trailing = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"^\s+(\w+)\s*:", line)
+        if match and not stripped.startswith(('"""', "def ")):
+            found[match.group(1)] = trailing.get(number) or " ".join(above)
+        above = []
+    return found
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def config_keys() -> list[tuple[str, str, Any, str]]:
+    """``(section.key, type, default, comment)`` for every key of :class:`RunConfig`."""
+    rows = []
+    defaults = config_to_dict(RunConfig())
+    for section in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        hints, comments = typing.get_type_hints(cls), _comments(cls)
+        for f in dataclasses.fields(cls):
+            key = _yaml_key(f.name)
+            rows.append((f"{section.name}.{key}", _type_name(hints[f.name]), defaults[section.name][key],
+                         comments.get(f.name, "")))
+    return rows
+
+
+def config_help() -> str:
+    """The text of ``tools/train.py --help``: usage, then one line per key."""
+    lines = ["usage: tools/train.py CONFIG.yaml [--section.key=value ...] [--print-config] [--help]",
+             "",
+             "Keys (YAML sections; override any with --section.key=value, values parsed as YAML;",
+             "no/yes/on/off are strings for string keys and booleans for bool keys; null unsets):", ""]
+    width = max(len(k) for k, *_ in config_keys())
+    section = ""
+    for key, type_name, default, comment in config_keys():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines.append(f"{section}:")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  --{key:<{width}}  {type_name} (default {shown}): {comment}")
+    return "\n".join(lines) + "\n"

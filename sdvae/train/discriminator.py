@@ -11,13 +11,14 @@ SD/LDM VAE recipe:
 
 With ``n_layers=3`` each logit sees a 70×70 pixel patch and a 256×256 image gives 30×30 logits.
 
-Normalisation under DDP: LDM uses plain ``BatchNorm2d`` (the default here). In a multi-process run each
-process then normalises with its own per-GPU batch statistics (no SyncBatchNorm), running statistics
-drift apart between ranks (DDP re-broadcasts rank 0's buffers at every forward), and real and fake
-batches are normalised with different statistics because they go through the network in separate
-calls. That is exactly what LDM trained with, so it is the faithful choice; ``norm="group"`` (batch
-independent, identical in any process layout) and ``norm="none"`` are offered for runs with tiny
-per-process batches or when batch statistics are unwanted.
+Normalisation under DDP: LDM uses plain ``BatchNorm2d`` (the default here), and in a multi-process run
+each LDM process normalised with its own per-GPU batch statistics. Here ``norm="batch"`` is
+:class:`SyncBatchNorm2d`: under ``torch.distributed`` (any backend, gloo on CPU too) the batch statistics
+are those of the *global* batch, so N processes compute exactly what 1 process computes on the same
+global batch (LDM's 1-GPU behaviour at any process count); without ``torch.distributed`` it is plain
+``BatchNorm2d``. Real and fake batches are still normalised separately (separate calls, as in LDM).
+``norm="group"`` (batch-statistics-free, identical in any process layout) and ``norm="none"`` are
+offered for runs with tiny per-process batches or when batch statistics are unwanted.
 """
 
 from __future__ import annotations
@@ -30,9 +31,49 @@ from torch import nn
 Norm = Literal["batch", "group", "none"]
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are over the batch of all processes.
+
+    Per-channel sums and sums of squares (fp32) are all-reduced with autograd
+    (``torch.distributed.nn.functional.all_reduce``), so the backward pass is that of a batch norm
+    over the global batch. Works with every backend (``nn.SyncBatchNorm`` needs CUDA). Every process
+    must call ``forward`` the same number of times (true in training: same steps on every rank).
+    Without ``torch.distributed`` (or in eval mode) it is exactly ``nn.BatchNorm2d``. Same state-dict
+    keys as ``BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[: x.shape[1]] / n
+        var = (stats[x.shape[1]: 2 * x.shape[1]] / n - mean.square()).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / max(float(n) - 1, 1.0), m)
+                self.num_batches_tracked.add_(1)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
 def _norm_layer(kind: Norm, channels: int) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return SyncBatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(min(32, channels), channels)
     return nn.Identity()

@@ -6,6 +6,27 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from sdvae.train.config import ModelConfig
+
+
+def prepare_vae(vae: AutoencoderKL, cfg: ModelConfig, channels_last: bool = False) -> int:
+    """Put ``vae`` in training shape as configured; returns how many blocks checkpoint their activations.
+
+    Training mode; every parameter trainable except, with ``train_encoder: false``, the encoder and
+    ``quant_conv`` (decoder-only fine-tuning); diffusers' gradient checkpointing with
+    ``gradient_checkpointing: true``; channels-last weights with ``channels_last``.
+    """
+    vae.train().requires_grad_(True)
+    if not cfg.train_encoder:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    return sum(bool(getattr(m, "gradient_checkpointing", False)) for m in vae.modules())
+
 
 class VAEForward(nn.Module):
     """encode → reparameterize → decode in a single ``forward``.
@@ -38,6 +59,15 @@ class VAEForward(nn.Module):
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+def compile_forward(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
+    """``train.compile``: ``torch.compile`` the (DDP-wrapped) forward module, or return it unchanged.
+
+    Compiled after ``accelerator.prepare`` so DDP's hooks stay outside the graph (DDPOptimizer splits it
+    at bucket boundaries); ``accelerator.no_sync`` still reaches DDP through the wrapper.
+    """
+    return torch.compile(model, backend=backend) if enabled else model
 
 
 def posterior_noise(indices: torch.Tensor, step: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:

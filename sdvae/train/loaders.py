@@ -182,14 +182,41 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
     skip_log = SkipLog(skip_log_path)
     workers = max(0, cfg.num_workers)
     pin = torch.cuda.is_available()
+    # Private generators: starting an iterator draws a base seed, which must not come from (and
+    # advance) the global torch RNG, or a resumed run's global RNG would run one draw ahead.
     train_loader = SkipLoggingLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                      persistent_workers=workers > 0, pin_memory=pin, skip_log=skip_log,
-                                     require_pixels=True)
+                                     require_pixels=True, generator=seeded_generator(seed, "train-loader"))
     val_ds = ValDataset(val_source, cfg.resolution, cfg.resize, val_idx, mosaic=cfg.mosaic)
     # Validation runs rarely; workers are started per pass instead of idling between passes.
     val_loader = SkipLoggingLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                    num_workers=min(workers, math.ceil(len(val_ds) / batch_size)),
-                                   pin_memory=pin, skip_log=skip_log)
+                                   pin_memory=pin, skip_log=skip_log, generator=seeded_generator(seed, "val-loader"))
     info = DataInfo(train_source.describe(), val_desc, len(train_ds), len(val_ds), sampler.global_batch,
                     sampler.steps_per_epoch, skip_log)
     return train_loader, val_loader, info
+
+
+def latent_stats_loader(cfg: DataConfig, batch_size: int, seed: int, train_count: int = 64,
+                        cache_dir: str | None = None) -> DataLoader:
+    """Center crops of the validation images plus a fixed sample of ``train_count`` training images.
+
+    What the final encoder's latent statistics (its ``scaling_factor``) are measured on: the sample is
+    drawn with its own seeded generator (the same images in every run with this seed and data), never
+    the validation images, and without augmentation or mosaics.
+    """
+    from torch.utils.data import ConcatDataset
+
+    train_source = open_source(cfg.train, cfg.image_column, cfg.split, cache_dir)
+    if cfg.val:
+        val_source = open_source(cfg.val, cfg.image_column, cfg.split, cache_dir)
+        train_idx, val_idx = list(range(len(train_source))), list(range(len(val_source)))
+    else:
+        val_source = train_source
+        train_idx, val_idx = split_validation(len(train_source), cfg.val_count)
+    order = torch.randperm(len(train_idx), generator=seeded_generator(seed, "latent-stats")).tolist()
+    sample = sorted(train_idx[i] for i in order[:train_count])
+    data = ConcatDataset([ValDataset(val_source, cfg.resolution, cfg.resize, val_idx),
+                          ValDataset(train_source, cfg.resolution, cfg.resize, sample)])
+    return SkipLoggingLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0,
+                             skip_log=SkipLog(None))

@@ -117,8 +117,10 @@ def adaptive_weight(
     accumulating into ``.grad`` and without firing DDP's all-reduce hooks (those sit on gradient
     accumulation), so it works on a DDP-wrapped model as long as ``last_layer`` is the *parameter
     tensor itself* (take it from the unwrapped module, see :func:`decoder_last_layer`); it also
-    works under autocast (parameters, hence these gradients, are fp32). Under DDP each process gets
-    its own λ from its local batch, as in LDM.
+    works under autocast (parameters, hence these gradients, are fp32). Under ``torch.distributed``
+    both gradients are averaged over the processes first, so λ is that of the global batch and N
+    processes compute what 1 process computes (LDM computed λ per GPU from its local batch); every
+    process must then call this the same number of times.
 
     Args:
         nll: 0-dim reconstruction(+perceptual) loss; may be constant (then λ = 0).
@@ -143,10 +145,22 @@ def adaptive_weight(
     nll_grad = None
     if nll.requires_grad:
         (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True, allow_unused=True)
-    nll_norm = torch.zeros((), device=g_grad.device) if nll_grad is None else torch.linalg.vector_norm(nll_grad.float())
-    weight = nll_norm / (torch.linalg.vector_norm(g_grad.float()) + ADAPTIVE_EPS)
+    nll_grad = torch.zeros_like(g_grad) if nll_grad is None else nll_grad
+    nll_grad, g_grad = _global_mean(nll_grad.float()), _global_mean(g_grad.float())
+    weight = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + ADAPTIVE_EPS)
     weight = weight.clamp(0.0, max_weight).detach()
     return torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+
+
+def _global_mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the processes of ``torch.distributed`` (``t`` itself without it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +202,8 @@ class VAELoss(nn.Module):
         lpips_model: use this LPIPS module instead of building one from ``cfg`` (tests, sharing).
         random_lpips_backbone: build LPIPS with a random backbone (tests; never for training).
         disc_ndf: width of the discriminator's first layer (LDM: 64).
-        disc_norm: discriminator normalisation, ``"batch"`` (LDM), ``"group"`` or ``"none"``.
+        disc_norm: discriminator normalisation, ``"batch"`` (LDM's, synchronised under DDP), ``"group"``
+            or ``"none"``; None: ``cfg.disc_norm``.
         logvar_init: initial value of the learned log-variance (LDM: 0).
     """
 
@@ -199,7 +214,7 @@ class VAELoss(nn.Module):
         lpips_model: nn.Module | None = None,
         random_lpips_backbone: bool = False,
         disc_ndf: int = 64,
-        disc_norm: Norm = "batch",
+        disc_norm: Norm | None = None,
         logvar_init: float = 0.0,
     ) -> None:
         super().__init__()
@@ -225,7 +240,7 @@ class VAELoss(nn.Module):
             self.register_parameter("logvar", None)
         self.discriminator: nn.Module | None = None
         if cfg.disc_weight > 0:
-            self.discriminator = NLayerDiscriminator(3, disc_ndf, cfg.disc_layers, disc_norm)
+            self.discriminator = NLayerDiscriminator(3, disc_ndf, cfg.disc_layers, disc_norm or cfg.disc_norm)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 

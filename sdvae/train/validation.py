@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdvae.atomic import atomic_file
+from sdvae.latents.stats import LatentStats, posterior_stats, write_scaling_config
 from sdvae.metrics.pixel import psnr, quantize, ssim
 
 
@@ -62,3 +63,39 @@ def save_comparison_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: s
     with atomic_file(path) as tmp:
         save_image(grid, tmp, format="png")
     return grid
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[dict | torch.Tensor], device: torch.device | str
+                         ) -> LatentStats:
+    """Posterior latent statistics of ``vae``'s encoder over ``batches`` (``sdvae latent-stats``' math).
+
+    Args:
+        vae: model in eval mode (fp32).
+        batches: as for :func:`reconstruction_metrics`.
+        device: where to run the encoder.
+    """
+
+    def posteriors():
+        for batch in batches:
+            images = batch["pixels"] if isinstance(batch, dict) else batch
+            if images is None or len(images) == 0:
+                continue
+            dist = vae.encode(images.to(device, torch.float32)).latent_dist
+            yield dist.mean, dist.logvar
+
+    return posterior_stats(posteriors())
+
+
+def write_measured_scaling(folder: str | Path, stats: LatentStats) -> dict:
+    """Write ``stats``' factors into the diffusers folder's config.json, in the form the model uses.
+
+    ``scaling_factor`` always; ``shift_factor`` only if the model has one (SD3/FLUX style); per-channel
+    ``latents_mean``/``latents_std`` instead if the model uses those. Returns the keys written.
+    """
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    per_channel = config.get("latents_mean") is not None
+    return write_scaling_config(folder, stats, per_channel=per_channel,
+                                shift=config.get("shift_factor") is not None)[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import make_photo
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "tools" / "train.py")
 CONFIG = str(REPO / "configs" / "test.yaml")
 
@@ -35,11 +37,13 @@ def _cmd(images: Path, out: Path, *overrides: str) -> list[str]:
     return [TRAIN, CONFIG, f"--data.train={images}", f"--train.out={out}", *overrides]
 
 
-def _run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, env=env,
+def _run(args: list[str], launcher: list[str] | None = None, env: dict | None = None,
+         code: int = 0) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    full |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, env=full,
                           cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     return proc
 
 
@@ -70,17 +74,29 @@ def test_resume_is_bit_exact(images: Path, tmp_path: Path) -> None:
     a, b = _final(straight), _final(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The global torch RNG too: the resumed run is not one draw ahead of the uninterrupted one.
+    rng = [load_file(run / "checkpoints" / "step-00000040" / "rng-0.safetensors")["torch"]
+           for run in (straight, resumed)]
+    assert torch.equal(rng[0], rng[1])
+    # Rerunning the folder with a trajectory-changing key is refused, naming the key.
+    refused = _run(_cmd(images, resumed, *common, "--train.steps=50"), code=2)
+    assert "train.steps" in refused.stderr and "--train.resume=never" in refused.stderr
     # Only the newest `keep_checkpoints` (2) complete checkpoints remain, and no temporary folders.
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000030", "step-00000040"]
     assert (resumed / "config.yaml").is_file() and (resumed / "metrics.json").is_file()
     assert "broken.png" in (resumed / "skipped-rank0.txt").read_text()
+    assert list((resumed / "tensorboard").rglob("events.out.tfevents.*"))  # log.with: tensorboard (default)
 
 
 def test_discriminator_and_vae_update_every_step_and_stay_fp32(images: Path, tmp_path: Path) -> None:
-    """After disc_start both optimizers step on every optimizer step; bf16 keeps fp32 weights/states."""
+    """After disc_start both optimizers step on every optimizer step; bf16 keeps fp32 weights/states;
+    bf16 comes from accelerate (ACCELERATE_MIXED_PRECISION, as `accelerate launch --mixed_precision bf16`
+    sets it) because the YAML leaves train.mixed_precision unset, and the run's config.yaml records it."""
     out = tmp_path / "run"
     _run(_cmd(images, out, "--train.steps=12", "--loss.disc_weight=0.5", "--loss.disc_start=4",
-              "--train.mixed_precision=bf16", "--train.grad_accum=2", "--train.checkpoint_every=12"))
+              "--train.grad_accum=2", "--train.checkpoint_every=12"), env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert saved["mixed_precision"] == "bf16" and saved["grad_accum"] == 2 and saved["num_processes"] == 1
     ckpt = out / "checkpoints" / "step-00000012"
     vae_opt = load_file(ckpt / "optimizer-vae.safetensors")
     disc_opt = load_file(ckpt / "optimizer-disc.safetensors")
@@ -93,18 +109,27 @@ def test_discriminator_and_vae_update_every_step_and_stay_fp32(images: Path, tmp
     assert {t.dtype for t in _final(out).values()} == {torch.float32}
 
 
-def test_two_processes_match_one_process(images: Path, tmp_path: Path) -> None:
-    """2 CPU (gloo) ranks seeing different images end identical, and equal to 1 process on the global batch."""
+@pytest.mark.parametrize("disc", [False, True], ids=["no-disc", "disc"])
+def test_two_processes_match_one_process(images: Path, tmp_path: Path, disc: bool) -> None:
+    """2 CPU (gloo) ranks seeing different images end identical, and equal to 1 process on the global batch,
+    with the discriminator on too (BatchNorm statistics and the adaptive weight over the global batch).
+    The final encoder's measured scaling_factor is written into final/config.json."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--train.steps=6", "--train.checkpoint_every=6", "--train.ema_decay=0")
+    common = ("--train.steps=6", "--train.checkpoint_every=6", "--train.ema_decay=0",
+              *(("--loss.disc_weight=0.5", "--loss.disc_start=2") if disc else ()))
     _run(_cmd(images, one, *common, "--train.batch_size=4"))
     proc = _run(_cmd(images, two, *common, "--train.batch_size=2"),
                 launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29533"])
+                          f"--master_port={29533 + disc}"])
     assert "parameters identical on all 2 process(es)" in proc.stdout + proc.stderr
     a, b = _final(one), _final(two)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
+    measured = json.loads((one / "metrics.json").read_text())["latent_stats"]
+    config = json.loads((one / "final" / "config.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(measured["scaling_factor"]) != 0.18215
+    assert config["scaling_factor"] == pytest.approx(1 / measured["std"])
+    assert "measured on" in proc.stdout + proc.stderr
 
 
 def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path) -> None:
@@ -114,9 +139,13 @@ def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path)
     from sdvae.model.build import build_preset
 
     out = tmp_path / "ft"
-    _run(_cmd(images, out, "--train.steps=4", "--train.checkpoint_every=4", "--train.val_every=2",
-              "--model.train_encoder=false", "--model.gradient_checkpointing=true", "--train.grad_accum=2",
-              "--model.norm_num_groups=2"))
+    proc = _run(_cmd(images, out, "--train.steps=4", "--train.checkpoint_every=4", "--train.val_every=2",
+                     "--model.train_encoder=false", "--model.gradient_checkpointing=true", "--train.grad_accum=2",
+                     "--model.norm_num_groups=2", "--log.with=none"))
+    assert re.search(r"gradient checkpointing: [1-9]\d* blocks", proc.stdout + proc.stderr)
+    # Frozen encoder: the latents did not change, the init's scaling factor is kept.
+    assert json.loads((out / "final" / "config.json").read_text())["scaling_factor"] == (
+        build_preset("test").config.scaling_factor)
     init = build_preset("test").state_dict()
     final = _final(out)
     frozen = [k for k in init if k.startswith(("encoder.", "quant_conv."))]
@@ -127,5 +156,6 @@ def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path)
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["norm_num_groups"] == 2
     exported = load_file(tmp_path / "exported" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], final[k]) for k in final)  # the step-4 checkpoint's EMA = final
+    # log.with=none: no tracker, the sample grids are written all the same.
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-00000002.png", "step-00000004.png"]
-    assert list((out / "tensorboard").iterdir())
+    assert not (out / "tensorboard").exists()
