@@ -37,10 +37,13 @@ def save_photo(path: Path, width: int, height: int, seed: int) -> None:
 
 
 def encode_small(src: Path | str, out: Path, **kw) -> dict:
-    """``run_encode`` with the `test` preset and small shards (keyword arguments override)."""
+    """``run_encode`` with the `test` preset, fp32 and small shards (keyword arguments override).
+
+    fp32 explicitly: the default ``auto`` means bf16 on CPUs with native bf16, and tests compare values.
+    """
     from sdvae.latents.export import EncodeOptions, run_encode
 
-    kw = {"resolution": 32, "shard_size": 4, "batch_size": 3, "progress": False, **kw}
+    kw = {"resolution": 32, "shard_size": 4, "batch_size": 3, "progress": False, "dtype": "fp32", **kw}
     return run_encode(EncodeOptions(src=str(src), out=str(out), model="test", **kw))
 
 

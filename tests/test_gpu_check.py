@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_cpu_tiny_mode_runs_every_part_and_writes_json(tmp_path: Path):
     out = tmp_path / "check.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--tiny",
                            "--infer", "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import sdvae
 from helpers import run_cli
 from sdvae.cli.main import main
 from sdvae.errors import UserError, require_extra
@@ -20,7 +20,7 @@ from sdvae.errors import UserError, require_extra
 
 def test_version_and_python_dash_m_sdvae() -> None:
     proc = subprocess.run([sys.executable, "-m", "sdvae", "--version"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == f"sdvae {version('sdvae')}"
+    assert proc.returncode == 0 and proc.stdout.strip() == f"sdvae {sdvae.__version__}"
     proc = subprocess.run([sys.executable, "-m", "sdvae", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "roundtrip" in proc.stdout and "interpolate" in proc.stdout
 

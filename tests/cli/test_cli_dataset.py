@@ -132,7 +132,8 @@ def test_latent_stats_exact_and_write_config(images: Path, tmp_path: Path, capsy
 def test_decode_row_and_preview(images: Path, tmp_path: Path, capsys) -> None:
     out, dest = tmp_path / "out", tmp_path / "dec"
     encode_small(images, out)
-    assert main(["decode", str(out), "-o", str(dest), "--row", "2", "--row", "5", "--preview", "--model", "test"]) == 0
+    assert main(["decode", str(out), "-o", str(dest), "--row", "2", "--row", "5", "--preview", "--model", "test",
+                 "--dtype", "fp32"]) == 0  # compared with an fp32 decode below
     names = sorted(p.name for p in dest.iterdir())
     assert names == ["row-000002.png", "row-000002.preview.png", "row-000005.png", "row-000005.preview.png"]
     assert Image.open(dest / "row-000002.png").size == (32, 32) == Image.open(dest / "row-000002.preview.png").size
