@@ -21,7 +21,6 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     from sdvae.latents.dataset import LatentDataset
     from sdvae.latents.format import read_dataset_meta
     from sdvae.latents.preview import latent_preview
-    from sdvae.latents.scaling import scale_latents
     from sdvae.model.info import config_dict, latent_space_hash
 
     meta = read_dataset_meta(args.latents)
@@ -43,6 +42,7 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
                             "pass the matching --model")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rgb_map = _preview_map(meta) if args.preview or args.preview_only else None
     for row in rows:
         z, _ = data.unscaled(row)
         stem = f"row-{row:06d}"
@@ -51,11 +51,23 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
             save_image(to_pil(codec.decode(z[None])), dest)
             print(dest)
         if args.preview or args.preview_only:
-            preview = latent_preview(scale_latents(z[None], meta["scaling"]), upscale=meta["downsampling_factor"])
+            preview = latent_preview(z[None], upscale=meta["downsampling_factor"], rgb_map=rgb_map)
             dest = out_dir / f"{stem}.preview.png"
             save_image(to_pil(preview * 2 - 1), dest)
             print(dest)
     return 0
+
+
+def _preview_map(meta: dict):
+    """The dataset's fitted latent→RGB map, else SD's or an arbitrary one (see sdvae.latents.preview)."""
+    from sdvae.cli.options import note
+    from sdvae.latents.preview import preview_rgb_map
+
+    rgb_map = preview_rgb_map(meta["config"], meta.get("preview_rgb"))
+    if rgb_map.source == "arbitrary":
+        note("preview colours are arbitrary (no latent-to-RGB map fitted at encode time and not SD 1.x/2.x's "
+             "latent space); re-encode with this version to store one")
+    return rgb_map
 
 
 def _require_data(what: str) -> None:
