@@ -170,7 +170,7 @@ def test_preview_map_choice() -> None:
     assert is_sd_latent_space(full)
     for other in ({**sd, "scaling_factor": 0.13025}, dict(PRESETS["sdxl"].config), dict(PRESETS["tiny"].config),
                   dict(PRESETS["test"].config), dict(PRESETS["sd3"].config), {**full, "use_quant_conv": False},
-                  {**sd, "shift_factor": 0.1}):
+                  {**sd, "shift_factor": 0.1}, {**PRESETS["test"].config, "scaling_factor": 0.18215}):
         assert not is_sd_latent_space(other)
 
     z = torch.randn(1, 4, 3, 3)
