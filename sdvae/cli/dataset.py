@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model
+from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model, preview_map
 from sdvae.errors import UserError, require_extra
 from sdvae.model.dtypes import DTYPE_CHOICES
 from sdvae.model.presets import PRESETS
@@ -42,7 +42,7 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
                             "pass the matching --model")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rgb_map = _preview_map(meta) if args.preview or args.preview_only else None
+    rgb_map = preview_map(meta) if args.preview or args.preview_only else None
     for row in rows:
         z, _ = data.unscaled(row)
         stem = f"row-{row:06d}"
@@ -56,18 +56,6 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
             save_image(to_pil(preview * 2 - 1), dest)
             print(dest)
     return 0
-
-
-def _preview_map(meta: dict):
-    """The dataset's fitted latent→RGB map, else SD's or an arbitrary one (see sdvae.latents.preview)."""
-    from sdvae.cli.options import note
-    from sdvae.latents.preview import preview_rgb_map
-
-    rgb_map = preview_rgb_map(meta["config"], meta.get("preview_rgb"))
-    if rgb_map.source == "arbitrary":
-        note("preview colours are arbitrary (no latent-to-RGB map fitted at encode time and not SD 1.x/2.x's "
-             "latent space); re-encode with this version to store one")
-    return rgb_map
 
 
 def _require_data(what: str) -> None:

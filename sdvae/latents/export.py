@@ -5,6 +5,7 @@ Layout of the output folder ``OUT`` (a ``datasets`` dataset: ``datasets.load_fro
     sdvae_encode_args.json      the arguments that define the output (written first; a rerun must match)
     data/shard-00000.arrow      rows of inputs [0, S), Arrow IPC stream (S = --shard-size)
     data/shard-00000.skipped.json   unreadable inputs of that shard (only when there are some)
+    data/shard-00000.rgbfit.json    that shard's sums for the preview map's least-squares fit
     ...
     skipped.txt                 every unreadable input: ``name<TAB>reason`` (one line each)
     dataset_info.json, state.json   what ``datasets.load_from_disk`` reads
