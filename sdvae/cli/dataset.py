@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model
+from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model, preview_map
 from sdvae.errors import UserError, require_extra
 from sdvae.model.dtypes import DTYPE_CHOICES
 from sdvae.model.presets import PRESETS
@@ -21,7 +21,6 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     from sdvae.latents.dataset import LatentDataset
     from sdvae.latents.format import read_dataset_meta
     from sdvae.latents.preview import latent_preview
-    from sdvae.latents.scaling import scale_latents
     from sdvae.model.info import config_dict, latent_space_hash
 
     meta = read_dataset_meta(args.latents)
@@ -43,6 +42,7 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
                             "pass the matching --model")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rgb_map = preview_map(meta) if args.preview or args.preview_only else None
     for row in rows:
         z, _ = data.unscaled(row)
         stem = f"row-{row:06d}"
@@ -51,7 +51,7 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
             save_image(to_pil(codec.decode(z[None])), dest)
             print(dest)
         if args.preview or args.preview_only:
-            preview = latent_preview(scale_latents(z[None], meta["scaling"]), upscale=meta["downsampling_factor"])
+            preview = latent_preview(z[None], upscale=meta["downsampling_factor"], rgb_map=rgb_map)
             dest = out_dir / f"{stem}.preview.png"
             save_image(to_pil(preview * 2 - 1), dest)
             print(dest)

@@ -52,11 +52,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from sdvae.cli.dataset import decode_dataset_rows
 
         return decode_dataset_rows(args)
-    if args.row or args.preview:
-        raise UserError(f"{args.latents}: --row/--preview apply to an encode-dataset folder, not a latents file")
+    if args.row:
+        raise UserError(f"{args.latents}: --row applies to an encode-dataset folder, not a latents file")
     tensors, meta = read_latents_file(args.latents)
     if meta.get("format") != LATENTS_FORMAT:
         raise UserError(f"{args.latents}: not an sdvae latents file (made by `sdvae encode`)")
+    if args.preview or args.preview_only:
+        _write_previews(tensors, meta, Path(args.output))
+        if args.preview_only:
+            return 0
     if not args.model:
         args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
     ref, codec = codec_from_args(args)
@@ -77,6 +81,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_previews(tensors: dict, meta: dict, out_dir: Path) -> None:
+    """``decode FILE --preview``: a decoder-free preview of each posterior mean (SD's or arbitrary colours: a
+    latents file has no fitted map), at the image's size."""
+    from sdvae.cli.options import preview_map
+    from sdvae.images.write import save_image, to_pil
+    from sdvae.latents.preview import latent_preview
+
+    rgb_map = preview_map(meta)
+    factor = 2 ** (len(meta["config"]["block_out_channels"]) - 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in meta["images"]:
+        width, height = entry["size"]
+        preview = latent_preview(tensors[f"{entry['key']}.mean"][None], upscale=factor, rgb_map=rgb_map)
+        dest = out_dir / f"{Path(entry['path']).stem}.{entry['key']}.preview.png"
+        save_image(to_pil(preview[..., :height, :width] * 2 - 1), dest, protect=[Path(entry["path"])])
+        print(dest)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``encode`` and ``decode`` among the ``sdvae`` subcommands."""
     p = sub.add_parser("encode", help="encode images to a latents .safetensors file",
@@ -90,13 +112,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="decode a latents file (`sdvae encode`) or rows of an encode-dataset output",
                        description="Decode every latent of a latents .safetensors file, or --row N of an "
                        "encode-dataset output folder (written as OUTPUT/row-N.png; --preview adds "
-                       "row-N.preview.png, a fixed linear map of the latent channels to RGB).")
+                       "row-N.preview.png, a linear map of the latent channels to RGB: the one encode-dataset "
+                       "fitted to the images, else SD 1.x/2.x's coefficients for SD's latent space, else "
+                       "arbitrary colours, with a note).")
     p.add_argument("latents", help="a .safetensors file from `sdvae encode`, or an encode-dataset output folder")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--row", type=int, action="append", help="dataset row to decode (repeatable; default 0)")
-    p.add_argument("--preview", action="store_true", help="also write a decoder-free latent preview per row")
+    p.add_argument("--preview", action="store_true", help="also write a decoder-free latent preview per row or image")
     p.add_argument("--preview-only", action="store_true", help="write only the previews (no model needed)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_decode)

@@ -74,5 +74,17 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+def preview_map(meta: dict):
+    """The latent→RGB map for ``decode --preview`` of a dataset or latents file (``meta``: its metadata): the
+    map fitted at encode time, else SD's or an arbitrary one, noted (see sdvae.latents.preview)."""
+    from sdvae.latents.preview import preview_rgb_map
+
+    rgb_map = preview_rgb_map(meta["config"], meta.get("preview_rgb"))
+    if rgb_map.source == "arbitrary":
+        note("preview colours are arbitrary (no latent-to-RGB map fitted at encode time and not SD 1.x/2.x's "
+             "latent space); re-encode with encode-dataset to fit one")
+    return rgb_map
+
+
 def default_output(path: Path, suffix: str) -> Path:
     return path.with_name(f"{path.stem}.{suffix}.png")

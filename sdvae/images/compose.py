@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -75,15 +75,19 @@ def image_grid(images: torch.Tensor | Iterable[Image.Image | torch.Tensor], nrow
     return canvas
 
 
-def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]]], padding: int = 2) -> Image.Image:
+def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]]], padding: int = 2,
+                  column_labels: Sequence[str] | None = None) -> Image.Image:
     """Rows of same-size images, each row with its label on the left (``sdvae interpolate``).
 
     Args:
         rows: (label, images) pairs; images are PIL or (3,H,W)/(1,3,H,W) tensors in [-1, 1], all one size.
         padding: white pixels between images.
+        column_labels: texts drawn centred above each column (e.g. ``t=0.50``); columns widen to fit a
+            label wider than the images, which are then centred in their column.
 
     Returns:
-        An RGB image: a label column (Pillow's default font, scaled with the image height), then the images.
+        An RGB image: a label column (Pillow's default font, scaled with the image height), then the images,
+        under a band of column labels when given.
     """
     prepared = [(label, [to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in images])
                 for label, images in rows]
@@ -96,13 +100,20 @@ def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(measure.textbbox((0, 0), label, font=font)[2] for label, _ in prepared) + 4 * padding
     cols = max(len(images) for _, images in prepared)
-    canvas = Image.new("RGB", (label_w + cols * (width + padding) + padding,
-                               len(prepared) * (height + padding) + padding), "white")
+    heads = list(column_labels or [])
+    boxes = [measure.textbbox((0, 0), text, font=font) for text in heads]
+    cell_w = max([width] + [box[2] + 2 * padding for box in boxes])
+    head_h = max(box[3] for box in boxes) + 2 * padding if boxes else 0
+    canvas = Image.new("RGB", (label_w + cols * (cell_w + padding) + padding,
+                               head_h + len(prepared) * (height + padding) + padding), "white")
     draw = ImageDraw.Draw(canvas)
+    for c, (text, box) in enumerate(zip(heads, boxes, strict=False)):
+        draw.text((label_w + padding + c * (cell_w + padding) + (cell_w - box[2]) // 2, padding), text,
+                  fill="black", font=font)
     for r, (label, images) in enumerate(prepared):
-        top = padding + r * (height + padding)
+        top = head_h + padding + r * (height + padding)
         box = draw.textbbox((0, 0), label, font=font)
         draw.text((2 * padding, top + (height - box[3]) // 2), label, fill="black", font=font)
         for c, img in enumerate(images):
-            canvas.paste(img, (label_w + padding + c * (width + padding), top))
+            canvas.paste(img, (label_w + padding + c * (cell_w + padding) + (cell_w - width) // 2, top))
     return canvas

@@ -5,6 +5,7 @@ Layout of the output folder ``OUT`` (a ``datasets`` dataset: ``datasets.load_fro
     sdvae_encode_args.json      the arguments that define the output (written first; a rerun must match)
     data/shard-00000.arrow      rows of inputs [0, S), Arrow IPC stream (S = --shard-size)
     data/shard-00000.skipped.json   unreadable inputs of that shard (only when there are some)
+    data/shard-00000.rgbfit.json    that shard's sums for the preview map's least-squares fit
     ...
     skipped.txt                 every unreadable input: ``name<TAB>reason`` (one line each)
     dataset_info.json, state.json   what ``datasets.load_from_disk`` reads
@@ -49,12 +50,14 @@ from sdvae.errors import UserError
 from sdvae.images.resize import center_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
 from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
+from sdvae.latents.preview import rgb_fit_sums
 from sdvae.latents.shards import (
     FIXED_COLUMNS,
     build_features,
     check_arguments,
     finalize,
     latent_columns,
+    rgb_fit_path,
     shard_path,
     skip_path,
     write_json,
@@ -209,6 +212,8 @@ def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, see
     for pixels, group in batch["groups"]:
         enc = codec.encode(pixels)  # (b,C,h,w) float32 moments
         mean, logvar = enc.mean.cpu(), enc.logvar.cpu()
+        xtx, xty = rgb_fit_sums(mean, pixels)
+        batch["rgb_fit"] = _add_fit(batch.get("rgb_fit"), {"xtx": xtx, "xty": xty, "cells": mean[:, 0].numel()})
         for j, item in enumerate(group):
             if store == "mean_logvar":
                 tensors = {"mean": mean[j], "logvar": logvar[j]}
@@ -219,6 +224,13 @@ def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, see
                 tensors = {"latent": mean[j] + torch.exp(0.5 * logvar[j]) * eps}
             item["shape"] = list(mean[j].shape)
             item["latents"] = {name: _to_numpy(t.to(target)) for name, t in tensors.items()}
+
+
+def _add_fit(total: dict[str, Any] | None, sums: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Add up preview-map fit sums ``{"xtx", "xty", "cells"}`` (see :func:`sdvae.latents.preview.rgb_fit_sums`)."""
+    if total is None or sums is None:
+        return sums if total is None else total
+    return {key: total[key] + sums[key] for key in ("xtx", "xty", "cells")}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -351,11 +363,13 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
                  writing: deque) -> None:
     """Encode the batches; hand each shard to the writer thread as soon as its last batch is encoded."""
     rows: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
+    fits: dict[int, dict[str, Any] | None] = {k: None for k in left}
     skipped: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
     for batch in batches:
         k = batch["first"] // opts.shard_size
         _encode_batch(codec, batch, opts.store, opts.dtype, opts.seed)
         items = batch["items"]
+        fits[k] = _add_fit(fits[k], batch.get("rgb_fit"))
         for item in items:
             if "error" in item:
                 skipped[k].append({"index": item["index"], "name": item["name"], "reason": item["error"]})
@@ -367,7 +381,8 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
                 summary["encoded"] += 1
         left[k] -= 1
         if left[k] == 0:  # the shard is complete
-            writing.append(writer.submit(_write_finished_shard, out, k, rows.pop(k), skipped.pop(k), features))
+            writing.append(writer.submit(_write_finished_shard, out, k, rows.pop(k), skipped.pop(k), features,
+                                         fits.pop(k)))
             summary["shards_encoded"] += 1
             while len(writing) > 2:
                 writing.popleft().result()
@@ -375,8 +390,10 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
 
 
 def _write_finished_shard(out: Path, k: int, rows: list[dict[str, Any]], skipped: list[dict[str, Any]],
-                          features: Any) -> None:
-    # The skip report first, then the rows: the rows file is what marks the shard as done.
+                          features: Any, fit: dict[str, Any] | None = None) -> None:
+    # The skip report and preview-map sums first, then the rows: the rows file is what marks the shard as done.
     if skipped:
         write_json(skip_path(out, k), skipped)
+    write_json(rgb_fit_path(out, k), {"cells": 0} if fit is None else
+               {"cells": fit["cells"], "xtx": fit["xtx"].tolist(), "xty": fit["xty"].tolist()})
     write_shard(shard_path(out, k), rows, features)

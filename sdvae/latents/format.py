@@ -27,7 +27,8 @@ def read_dataset_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         The JSON object of ``PATH/sdvae_latents.json``: ``model``, ``config_hash``, ``arch_hash``,
         ``config``, ``preprocessing``, ``store``, ``dtype``, ``latent_columns``, ``scaled`` (False),
-        ``scaling`` (the scaling/shift in force at encode time), ``rows``, ``skipped``, ...
+        ``scaling`` (the scaling/shift in force at encode time), ``rows``, ``skipped``, ``preview_rgb`` (the
+        latent→RGB map fitted at encode time, see :mod:`sdvae.latents.preview`; None or absent in older datasets)...
 
     Raises:
         UserError: not such a folder, or a run that has not finished (the message says what to do).

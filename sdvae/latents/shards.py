@@ -28,6 +28,37 @@ def skip_path(out: Path, k: int) -> Path:
     return out / "data" / f"shard-{k:05d}.skipped.json"
 
 
+def rgb_fit_path(out: Path, k: int) -> Path:
+    """Shard k's preview-map sums (written just before the shard: a finished shard has them)."""
+    return out / "data" / f"shard-{k:05d}.rgbfit.json"
+
+
+def combined_rgb_fit(out: Path, num_shards: int) -> dict[str, Any] | None:
+    """The preview map fitted on every shard's sums, added in shard order (None: a shard has none, e.g. it
+    was written by an older version; or no pixels at all). Depends only on the shards' content."""
+    import torch
+
+    from sdvae.latents.preview import solve_rgb_map
+
+    xtx = xty = None
+    cells = 0
+    for k in range(num_shards):
+        path = rgb_fit_path(out, k)
+        if not path.is_file():
+            return None
+        sums = json.loads(path.read_text())
+        if sums["cells"]:
+            a, b = torch.tensor(sums["xtx"], dtype=torch.float64), torch.tensor(sums["xty"], dtype=torch.float64)
+            xtx, xty = (a, b) if xtx is None else (xtx + a, xty + b)
+            cells += sums["cells"]
+    if xtx is None:
+        return None
+    weight, bias = solve_rgb_map(xtx, xty)
+    return {"weight": weight.tolist(), "bias": bias.tolist(), "cells": cells,
+            "maps": "unscaled latent (posterior mean) channels + bias -> RGB in [-1,1]",
+            "fit": "least squares on every encoded image, pixels area-averaged to latent resolution"}
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -125,7 +156,8 @@ def finalize(out: Path, identity: dict[str, Any], features: Any, meta: dict[str,
         if skip_path(out, k).is_file():
             skipped.extend(json.loads(skip_path(out, k).read_text()))
     rows = sum(shard_rows(f) for f in files)
-    meta = {**meta, "rows": rows, "skipped": len(skipped), "num_shards": num_shards}
+    meta = {**meta, "rows": rows, "skipped": len(skipped), "num_shards": num_shards,
+            "preview_rgb": combined_rgb_fit(out, num_shards)}
     with atomic_file(out / "skipped.txt") as tmp:
         tmp.write_text("".join(f"{s['name']}\t{' '.join(s['reason'].split())}\n" for s in skipped))
     info = {"citation": "", "description": json.dumps(meta, sort_keys=True), "features": features.to_dict(),

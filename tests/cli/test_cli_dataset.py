@@ -57,6 +57,8 @@ def test_kill_9_mid_run_then_rerun(images: Path, tmp_path: Path) -> None:
     assert not list((out / "data").glob(".*.tmp"))
     encode_small(images, ref, shard_size=2, batch_size=1)
     assert dataset_rows(out) == dataset_rows(ref)
+    fit = json.loads((out / "sdvae_latents.json").read_text())["preview_rgb"]
+    assert fit is not None and fit == json.loads((ref / "sdvae_latents.json").read_text())["preview_rgb"]
 
 
 @pytest.mark.slow
@@ -79,6 +81,8 @@ def test_two_processes_match_one(images: Path, tmp_path: Path) -> None:
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x["mean"], y["mean"], atol=1e-5)
         np.testing.assert_allclose(x["logvar"], y["logvar"], atol=1e-5)
+    fits = [json.loads((o / "sdvae_latents.json").read_text())["preview_rgb"] for o in (one, two)]
+    np.testing.assert_allclose(fits[0]["weight"], fits[1]["weight"], atol=1e-4)
 
 
 def test_latent_stats_exact_and_write_config(images: Path, tmp_path: Path, capsys) -> None:
@@ -146,3 +150,42 @@ def test_decode_row_and_preview(images: Path, tmp_path: Path, capsys) -> None:
     assert [p.name for p in (tmp_path / "p").iterdir()] == ["row-000000.preview.png"]
     assert main(["decode", str(out), "-o", str(dest), "--row", "99"]) == 2
     assert "no row 99 (the dataset has 10 rows)" in capsys.readouterr().err
+
+
+def test_preview_uses_the_fitted_map_else_notes_arbitrary_colours(images: Path, tmp_path: Path, capsys) -> None:
+    from sdvae.images.sources import open_source
+    from sdvae.latents.export import crop_for_encoding
+    from sdvae.latents.format import DATASET_META
+    from sdvae.latents.preview import latent_preview, preview_rgb_map
+
+    out = tmp_path / "out"
+    encode_small(images, out)
+    meta = json.loads((out / DATASET_META).read_text())
+    fit = meta["preview_rgb"]
+    assert np.array(fit["weight"]).shape == (4, 3) and len(fit["bias"]) == 3 and fit["cells"] == 10 * 4 * 4
+    capsys.readouterr()
+    assert main(["decode", str(out), "-o", str(tmp_path / "p"), "--row", "3", "--preview-only"]) == 0
+    assert "arbitrary" not in capsys.readouterr().err
+    # The preview is the fitted map applied to the row's stored mean.
+    z = stored_latent(dataset_rows(out)[3], "mean")
+    expected = latent_preview(z, upscale=8, rgb_map=preview_rgb_map(meta["config"], fit))[0]
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "p" / "row-000003.preview.png"), dtype=np.float32) / 255)
+    assert (got.permute(2, 0, 1) - expected).abs().max() < 1 / 255 + 1e-6
+    # It is the least-squares map over every row (all shards) of the encoded pixels, area-averaged to latent
+    # resolution, on the posterior means and a bias.
+    source = open_source(str(images), "image", "train", None)
+    xs, ys = [], []
+    for row in dataset_rows(out):
+        pixels = crop_for_encoding(source.load(row["index"]), 32, "center", 8)[0].double()
+        ys.append(torch.nn.functional.avg_pool2d(pixels[None], 8)[0].flatten(1).T)
+        xs.append(torch.cat([stored_latent(row, "mean").double().flatten(1), torch.ones(1, 16)]).T)
+    solution = torch.linalg.lstsq(torch.cat(xs), torch.cat(ys)).solution
+    np.testing.assert_allclose(fit["weight"], solution[:4].numpy(), atol=1e-4)
+    np.testing.assert_allclose(fit["bias"], solution[4].numpy(), atol=1e-4)
+    # An older dataset (no fitted map) of a model outside SD's latent space: arbitrary colours, one note.
+    (out / DATASET_META).write_text(json.dumps({**meta, "preview_rgb": None}))
+    assert main(["decode", str(out), "-o", str(tmp_path / "q"), "--row", "3", "--row", "4", "--preview-only"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("preview colours are arbitrary") == 1 and len(err.strip().splitlines()) == 1
+    arbitrary = np.asarray(Image.open(tmp_path / "q" / "row-000003.preview.png"))
+    assert not np.array_equal(arbitrary, np.asarray(Image.open(tmp_path / "p" / "row-000003.preview.png")))

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import make_photo, run_cli
+from helpers import make_photo
 from sdvae.errors import UserError
 from sdvae.eval.latent_space import interpolate_images, interpolation_latents, prior_latents, sample_images, slerp
 from sdvae.latents.scaling import unscale_latents
@@ -67,24 +66,3 @@ def test_interpolation_endpoints_are_the_decoded_posterior_means(codec):
     assert torch.equal(latents["spherical"][0], za[0]) and torch.equal(latents["spherical"][-1], zb[0])
     with pytest.raises(UserError, match="at least 2"):
         interpolation_latents(za, zb, 1, config)
-
-
-@pytest.mark.slow
-def test_cli_sample_and_interpolate(tmp_path):
-    grid = tmp_path / "grid.png"
-    result = run_cli("sample", "--model", "test", "-n", "5", "--size", "16", "-o", str(grid), "--seed", "3")
-    assert result.returncode == 0, result.stderr
-    assert Image.open(grid).size == (3 * 18 + 2, 2 * 18 + 2)
-    again = tmp_path / "again.png"
-    assert run_cli("sample", "--model", "test", "-n", "5", "--size", "16", "-o", str(again), "--seed", "3"
-                   ).returncode == 0
-    assert grid.read_bytes() == again.read_bytes()
-
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    Image.fromarray(make_photo(24, 16, seed=0)).save(a)
-    Image.fromarray(make_photo(30, 30, seed=1)).save(b)
-    strip = tmp_path / "strip.png"
-    result = run_cli("interpolate", str(a), str(b), "--model", "test", "-n", "4", "-o", str(strip))
-    assert result.returncode == 0, result.stderr
-    assert "b.png resized from 30x30" in result.stdout
-    assert Image.open(strip).height == 2 * 18 + 2

@@ -154,6 +154,9 @@ def test_workers_match_main_process(images: Path, tmp_path: Path) -> None:
     encode_small(images, tmp_path / "w2", num_workers=2)
     a, b = dataset_rows(tmp_path / "w0"), dataset_rows(tmp_path / "w2")
     assert a == b
+    # The preview map fitted at encode time too, exactly.
+    fits = [read_dataset_meta(tmp_path / name)["preview_rgb"] for name in ("w0", "w2")]
+    assert fits[0] is not None and fits[0] == fits[1]
 
 
 # --- resume -----------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_workers_match_main_process(images: Path, tmp_path: Path) -> None:
 def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     encode_small(images, out)
-    full = dataset_rows(out)
+    full, fit = dataset_rows(out), read_dataset_meta(out)["preview_rgb"]
     # Lose one shard and the final files, as after a crash: only that shard is encoded again.
     (out / "data" / "shard-00001.arrow").unlink()
     (out / "sdvae_latents.json").unlink()
@@ -178,6 +181,12 @@ def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path,
     after = shard_stats(out)
     assert all(after[name] == stat for name, stat in before.items())  # finished shards untouched
     assert dataset_rows(out) == full
+    assert fit is not None and read_dataset_meta(out)["preview_rgb"] == fit  # per-shard sums: exact on resume
+    # A shard without its sums (written by an older version): no fitted map rather than a partial one.
+    (out / "data" / "shard-00001.rgbfit.json").unlink()
+    (out / "sdvae_latents.json").unlink()
+    encode_small(images, out)
+    assert read_dataset_meta(out)["preview_rgb"] is None
     assert encode_small(images, out)["shards_encoded"] == 0  # complete: nothing to do
 
     capsys.readouterr()

@@ -133,3 +133,55 @@ def test_latent_preview_shape_and_range(channels: int) -> None:
     # It is a fixed linear map: zero latents are mid-grey, and the map does not depend on the data.
     assert torch.allclose(latent_preview(torch.zeros(1, channels, 2, 2)), torch.tensor(0.5))
     torch.testing.assert_close(latent_preview(z)[:, :, :1, :1], latent_preview(z[:, :, :1, :1]))
+
+
+def test_rgb_fit_recovers_a_known_linear_map() -> None:
+    """Colours made as a known affine function of the latents, plus detail that averages out within each latent
+    cell: the fit from sums over two batches gives back the map."""
+    from sdvae.latents.preview import rgb_fit_sums, solve_rgb_map
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(4, 3, generator=generator) * 0.3, torch.tensor([0.1, -0.2, 0.05])
+    totals = None
+    for _ in range(2):
+        z = torch.randn(3, 4, 5, 6, generator=generator, dtype=torch.float64)
+        cells = torch.einsum("bchw,ck->bkhw", z, weight.double()) + bias.double()[None, :, None, None]
+        pixels = cells.repeat_interleave(8, -2).repeat_interleave(8, -1)
+        pixels[..., 0::2, :] += 0.3  # zero-mean detail within every 8x8 cell
+        pixels[..., 1::2, :] -= 0.3
+        sums = rgb_fit_sums(z.float(), pixels.float())
+        totals = sums if totals is None else (totals[0] + sums[0], totals[1] + sums[1])
+    assert totals[0].shape == (5, 5) and totals[1].shape == (5, 3) and totals[0].dtype == torch.float64
+    fitted_weight, fitted_bias = solve_rgb_map(*totals)
+    torch.testing.assert_close(fitted_weight, weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fitted_bias, bias, atol=1e-5, rtol=0)
+
+
+def test_preview_map_choice() -> None:
+    """Fitted map first; SD's coefficients only for SD 1.x/2.x's latent space; else arbitrary."""
+    from sdvae.latents.preview import SD_LATENT_RGB, is_sd_latent_space, latent_preview, preview_rgb_map
+    from sdvae.model.build import build_preset
+    from sdvae.model.info import config_dict
+
+    sd = dict(PRESETS["sd"].config)
+    assert is_sd_latent_space(sd) and is_sd_latent_space({**sd, "sample_size": 256, "force_upcast": False})
+    # A loaded model's full config (every diffusers default filled in) with SD's architecture and scaling.
+    full = {**config_dict(build_preset("test")), **sd}
+    assert is_sd_latent_space(full)
+    for other in ({**sd, "scaling_factor": 0.13025}, dict(PRESETS["sdxl"].config), dict(PRESETS["tiny"].config),
+                  dict(PRESETS["test"].config), dict(PRESETS["sd3"].config), {**full, "use_quant_conv": False},
+                  {**sd, "shift_factor": 0.1}, {**PRESETS["test"].config, "scaling_factor": 0.18215}):
+        assert not is_sd_latent_space(other)
+
+    z = torch.randn(1, 4, 3, 3)
+    sd_map = preview_rgb_map(sd)
+    assert sd_map.source == "sd"
+    # On unscaled latents it equals SD's coefficients on the scaled ones.
+    torch.testing.assert_close(latent_preview(z, rgb_map=sd_map), latent_preview(scale_latents(z, sd)))
+    torch.testing.assert_close(sd_map.weight, torch.tensor(SD_LATENT_RGB) * 0.18215)
+    test_map = preview_rgb_map(PRESETS["test"].config)
+    assert test_map.source == "arbitrary" and test_map.weight.shape == (4, 3)
+    fitted = preview_rgb_map(sd, {"weight": [[1, 0, 0]] * 4, "bias": [0.5, 0, 0]})
+    assert fitted.source == "fitted"
+    assert torch.allclose(latent_preview(torch.zeros(1, 4, 2, 2), rgb_map=fitted)[0, :, 0, 0],
+                          torch.tensor([0.75, 0.5, 0.5]))
