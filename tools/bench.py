@@ -151,9 +151,9 @@ def _our_train_step(vae, args, total_steps: int):
 
     from sdvae.train.config import LossConfig, OptimConfig
     from sdvae.train.ema import EMA
-    from sdvae.train.forward import VAEForward
     from sdvae.train.losses import VAELoss
     from sdvae.train.optim import build_optimizer
+    from sdvae.train.vae_forward import VAEForward
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
     loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,

@@ -39,9 +39,10 @@ from sdvae.metrics.lpips import build_lpips
 from sdvae.model.build import build_preset
 from sdvae.model.info import downsample_factor
 from sdvae.train.config import LossConfig
-from sdvae.train.forward import VAEForward
 from sdvae.train.losses import VAELoss
+from sdvae.train.modules import decoder_last_layer
 from sdvae.train.optim import optimizer_steps
+from sdvae.train.vae_forward import VAEForward
 
 
 def synthetic_images(n: int, size: int, seed: int, device: str) -> torch.Tensor:
@@ -102,7 +103,7 @@ def train_check(precision: str, args: argparse.Namespace, images: torch.Tensor, 
     if scaler is not None:
         original_update = scaler.update
         scaler.update = lambda *a, **k: (updates.append(1), original_update(*a, **k))[1]
-    last_layer = vae.decoder.conv_out.weight
+    last_layer = decoder_last_layer(vae)
     failures: list[str] = []
     skipped = 0
     eps_gen = torch.Generator().manual_seed(1)

@@ -37,12 +37,13 @@ from sdvae.model.save import save_diffusers
 from sdvae.train.checkpoint import load_checkpoint, save_checkpoint
 from sdvae.train.config import RunConfig, config_help, config_to_dict, dump_config, load_config
 from sdvae.train.ema import EMA
-from sdvae.train.forward import VAEForward, compile_forward, posterior_noise, prepare_vae
 from sdvae.train.launch import log_image, make_accelerator, resolve_config, start_trackers
 from sdvae.train.loaders import build_dataloaders, latent_stats_loader
 from sdvae.train.losses import VAELoss
+from sdvae.train.modules import decoder_last_layer
 from sdvae.train.optim import build_optimizer, effective_lr, optimizer_steps
 from sdvae.train.runfolder import move_checkpoints_aside, resume_point
+from sdvae.train.vae_forward import VAEForward, compile_forward, posterior_noise, prepare_vae
 from sdvae.train.validation import (
     measure_latent_stats,
     reconstruction_metrics,
@@ -139,7 +140,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
                         barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
 
     # --- train -----------------------------------------------------------------------------------
-    last_layer = vae.decoder.conv_out.weight  # for the adaptive GAN weight (LDM)
+    last_layer = decoder_last_layer(vae)  # for the adaptive GAN weight (LDM)
     trainable = [p for p in [*vae.parameters(), *loss_fn.trainable_parameters()] if p.requires_grad]
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)

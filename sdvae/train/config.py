@@ -103,6 +103,15 @@ class LossConfig:
     # gives the 1-process result), group or none (batch-statistics-free)
     disc_norm: Literal["batch", "group", "none"] = "batch"
 
+    def __post_init__(self) -> None:
+        """Checked on construction too (configs built in code never reach the YAML loader)."""
+        _check_choices(self, "loss")
+        if self.disc_weight > 0 and self.disc_layers < 1:
+            raise UserError(f"loss.disc_layers: must be >= 1, got {self.disc_layers}")
+        for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class OptimConfig:
@@ -202,6 +211,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
         return _BOOL_WORDS[value.lower()]
     raise UserError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Every ``Literal`` field of a config dataclass holds one of its choices."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(hint) is Literal and getattr(obj, name) not in typing.get_args(hint):
+            raise UserError(f"{section}.{name}: {getattr(obj, name)!r} is not one of "
+                            f"{', '.join(map(str, typing.get_args(hint)))}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -59,27 +59,12 @@ class TrainDataset(Dataset):
     process can count and log them. Keeping the batch full avoids empty or ragged batches under DDP.
 
     Mosaics (``mosaic=m > 1``): each item is an m×m grid of (R/m)² crops — the keyed image top-left,
-    the other m²−1 drawn deterministically from the same key. GroupNorm normalises over the whole
-    image, and on small training images zero-padded borders make up much of each low-resolution
-    feature map (44% of an 8×8 latent), so a VAE trained only on small images learns statistics that
-    do not hold on large ones: ours, trained on 64² crops, reconstructed 64² tiles of Kodak at 23 dB
-    but whole 768×512 images at 16 dB, with a colour cast. Mosaics of small images give large
-    training images with a realistic share of border.
-
-    Mixed grids (``mosaic_grids``, e.g. ``(1, 2, 4, 4)``): each item draws its grid side g from the
-    list, so some items are one image upscaled to R×R and some 2×2 grids of upscaled images. Mosaics
-    of many small images all have a near-neutral average colour; a photo at full resolution (Kodak's
-    red door, kodim02) is dominated by one colour, and the mosaic-trained decoder pulled such images
-    towards grey (a +38/255 green error on kodim02). Single-image items teach whole-image statistics.
-
-    Colour casts (``color_cast=p``): with probability p an item (after the mosaic is assembled) gets
-    one random colour transform over all its pixels — saturation scaled by s ∈ [0.5, 2] around each
-    pixel's luma, then a per-channel offset in [-0.4, 0.4] (about ±50/255), clipped to [-1, 1]. This
-    makes whole training items dominated by one colour, which the mosaics alone never are: the stage-4
-    checkpoint, trained on mosaics, still returned kodim02 (mean colour 143/56/31) with a
-    -8/+33/+19 (R/G/B, of 255) error, and removing each Kodak image's mean colour error alone would
-    raise its Kodak PSNR from 24.6 to 25.3 dB. Casts alone took kodim02 only from 18.9 to 20.4 dB; the
-    larger cause was one channel per GroupNorm group (see :func:`sdvae.model.build.regroup_norms`).
+    the other m²−1 drawn deterministically from the same key — so small training images make large
+    items with a realistic share of image border (GroupNorm statistics then carry over to full-size
+    photos). Mixed grids (``mosaic_grids``): each item draws its grid side from the list, so some items
+    are one upscaled image with whole-image colour statistics. Colour casts (``color_cast=p``): with
+    probability p an item gets one random whole-item colour transform (:meth:`cast`). Why each exists,
+    measured on Kodak, is in the embedded checkpoint's model card (checkpoints/sdvae-tiny-f8c4/README.md).
     """
 
     def __init__(self, source: ImageSource, resolution: int, resize: int = 0,

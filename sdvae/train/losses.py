@@ -40,13 +40,12 @@ Learned log-variance: LDM defines ``nll = rec / exp(s) + s`` with a learnable sc
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from sdvae.errors import UserError
+from sdvae.metrics.information import bits_per_dim, gaussian_kl
 from sdvae.metrics.lpips import build_lpips, lpips_distance
 from sdvae.train.discriminator import NLayerDiscriminator, Norm, generator_adv_loss, hinge_d_loss, vanilla_d_loss
 from sdvae.train.modules import frozen, unwrap
@@ -77,16 +76,8 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     Returns:
         0-dim fp32 tensor, ≥ 0.
     """
-    m, lv = mean.float(), logvar.float()
-    return (0.5 * (m.square() + lv.exp() - 1.0 - lv)).flatten(1).sum(1).mean()
+    return gaussian_kl(mean, logvar).mean()
 
-
-def bits_per_dim(nats: torch.Tensor | float, height: int, width: int, channels: int = 3) -> torch.Tensor | float:
-    """Express a per-image quantity in nats as bits per image dimension: ``nats / (ln 2 · C·H·W)``.
-
-    For logging the KL term on a resolution-independent scale (the "rate" of the latent code).
-    """
-    return nats / (math.log(2.0) * channels * height * width)
 
 
 def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -104,7 +95,7 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, kind: str = "
         return diff.abs().mean()
     if kind == "mse":
         return diff.square().mean()
-    raise UserError(f"loss.recon: {kind!r} is not one of l1, mse")
+    raise ValueError(f"reconstruction_loss: kind must be 'l1' or 'mse', got {kind!r}")
 
 
 def adaptive_weight(
@@ -218,16 +209,7 @@ class VAELoss(nn.Module):
         logvar_init: float = 0.0,
     ) -> None:
         super().__init__()
-        if cfg.recon not in ("l1", "mse"):
-            raise UserError(f"loss.recon: {cfg.recon!r} is not one of l1, mse")
-        if cfg.disc_weight > 0 and cfg.disc_layers < 1:
-            raise UserError(f"loss.disc_layers: must be >= 1, got {cfg.disc_layers}")
-        if cfg.disc_loss not in ("hinge", "vanilla"):
-            raise UserError(f"loss.disc_loss: {cfg.disc_loss!r} is not one of hinge, vanilla")
-        for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight"):
-            if getattr(cfg, name) < 0:
-                raise UserError(f"loss.{name}: must be >= 0, got {getattr(cfg, name)}")
-        self.cfg = cfg
+        self.cfg = cfg  # validated where it is defined (LossConfig)
         self.lpips: nn.Module | None = None
         if cfg.lpips_weight > 0:
             self.lpips = lpips_model if lpips_model is not None else build_lpips(
@@ -332,7 +314,6 @@ class VAELoss(nn.Module):
             ``disc_weight``, 0 before ``disc_start``).
         """
         cfg = self.cfg
-        height, width = images.shape[-2:]
         dims = images[0].numel()  # D = 3·H·W: converts LDM's per-image sums into per-element means
         logs: dict[str, torch.Tensor | float] = {}
 
@@ -363,7 +344,7 @@ class VAELoss(nn.Module):
             kl_log = kl
             total = total + (cfg.kl_weight / dims) * kl
         logs["kl"] = kl_log
-        logs["kl_bpd"] = bits_per_dim(kl_log, height, width, images.shape[1])
+        logs["kl_bpd"] = bits_per_dim(kl_log, dims)
 
         if self.discriminator is not None:
             g_adv = rec.new_zeros(())

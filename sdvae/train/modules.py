@@ -23,7 +23,7 @@ def decoder_last_layer(vae: nn.Module) -> nn.Parameter:
     """The weight LDM balances the GAN against: ``decoder.conv_out.weight`` of the (unwrapped) VAE.
 
     Accepts the AutoencoderKL itself or wrappers of it (DDP, ``torch.compile``, a module holding it
-    as ``.vae`` such as :class:`sdvae.train.forward.VAEForward`); returns the very parameter tensor.
+    as ``.vae`` such as :class:`sdvae.train.vae_forward.VAEForward`); returns the very parameter tensor.
     """
     model = unwrap(vae)
     if not hasattr(model, "decoder") and isinstance(getattr(model, "vae", None), nn.Module):

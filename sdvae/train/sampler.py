@@ -25,7 +25,7 @@ class ResumableSampler:
     Resuming is exact because batch ``k`` is a pure function of (seed, k): a resumed run constructs
     the sampler with ``start_step=k``. There is deliberately no "how far have I iterated" state: with
     DataLoader workers prefetching, the sampler runs ahead of the training loop, so only the training
-    loop's step count is a correct resume position (see :meth:`state_for_step`).
+    loop's step count is a correct resume position.
 
     Yields:
         lists of ``batch_size`` ``(epoch, k)`` keys for :class:`TrainDataset`.
@@ -81,23 +81,6 @@ class ResumableSampler:
         """This rank's keys for global step ``step``."""
         b = self.batch_size
         return self.global_batch_at(step)[self.rank * b:(self.rank + 1) * b]
-
-    def state_for_step(self, step: int) -> dict[str, int]:
-        """Resume state after the training loop has consumed ``step`` batches.
-
-        Returns:
-            ``{"step", "epoch", "position"}``: epoch and batch-within-epoch (drop_last) or item offset
-            within the epoch (stream mode) of the next batch — for logs; ``step`` alone is enough.
-        """
-        if self.drop_last:
-            epoch, position = divmod(step, self.num_items // self.global_batch)
-        else:
-            epoch, position = divmod(step * self.global_batch, self.num_items)
-        return {"step": step, "epoch": epoch, "position": position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`state_for_step` dict (next iteration starts at its step)."""
-        self.start_step = int(state["step"])
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step

@@ -12,9 +12,9 @@ from accelerate import Accelerator
 
 from sdvae.model.build import build_preset
 from sdvae.train.config import LossConfig
-from sdvae.train.forward import VAEForward
 from sdvae.train.losses import VAELoss
 from sdvae.train.optim import optimizer_steps
+from sdvae.train.vae_forward import VAEForward
 
 CFG = LossConfig(recon="l1", kl_weight=1e-6, disc_weight=0.5, disc_start=0, disc_layers=2)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 TRAIN = str(REPO / "tools" / "train.py")
 CONFIG = str(REPO / "configs" / "test.yaml")
 

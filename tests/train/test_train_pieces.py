@@ -9,7 +9,7 @@ import torch
 
 from sdvae.model.build import build_preset
 from sdvae.train.config import ModelConfig, RunConfig
-from sdvae.train.forward import VAEForward, prepare_vae
+from sdvae.train.vae_forward import VAEForward, prepare_vae
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -105,7 +105,7 @@ def test_compile_forward_wraps_and_matches_eager_and_channels_last_weights():
     vae = build_preset("test")
     prepare_vae(vae, ModelConfig(), channels_last=True)
     assert vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
-    from sdvae.train.forward import compile_forward
+    from sdvae.train.vae_forward import compile_forward
 
     model = VAEForward(vae)
     assert compile_forward(model, False) is model

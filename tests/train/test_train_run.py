@@ -16,10 +16,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import make_photo
+from helpers import REPO, make_photo
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "tools" / "train.py")
 CONFIG = str(REPO / "configs" / "test.yaml")
 

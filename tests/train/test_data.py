@@ -234,15 +234,10 @@ def test_sampler_sharding_disjoint(drop_last: bool):
 def test_sampler_resume_exact(drop_last: bool):
     full = ResumableSampler(10, 4, seed=5, drop_last=drop_last)
     run = list(islice(full, 12))
-    assert run[0] != run[full.state_for_step(0)["step"] + 3]
+    assert run[0] != run[3]
     for k in (1, 2, 5, 7):  # 2 (drop_last) or 2.5 batches per epoch: k crosses epoch boundaries
         resumed = ResumableSampler(10, 4, seed=5, drop_last=drop_last, start_step=k)
         assert list(islice(resumed, 4)) == run[k:k + 4]
-        again = ResumableSampler(10, 4, seed=5, drop_last=drop_last)
-        again.load_state_dict(full.state_for_step(k))
-        assert next(iter(again)) == run[k]
-    assert full.state_for_step(5) == ({"step": 5, "epoch": 2, "position": 1} if drop_last
-                                      else {"step": 5, "epoch": 2, "position": 0})
 
 
 def test_sampler_too_small_for_drop_last():

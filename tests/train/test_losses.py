@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from sdvae.errors import UserError
+from sdvae.metrics.information import bits_per_dim
 from sdvae.metrics.lpips import build_lpips, lpips_backbone_cache_path, lpips_distance
 from sdvae.model.build import build_preset
 from sdvae.train.config import LossConfig
 from sdvae.train.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
-from sdvae.train.losses import VAELoss, adaptive_weight, bits_per_dim, kl_divergence
+from sdvae.train.losses import VAELoss, adaptive_weight, kl_divergence
 from sdvae.train.modules import decoder_last_layer
 
 # Every term off; each test switches on what it examines.
@@ -56,23 +57,6 @@ def vae() -> nn.Module:
     return build_preset("test").train()
 
 
-@pytest.fixture
-def empty_hub(tmp_path: Path):
-    """torch hub pointed at an empty folder, and any download attempt made to fail loudly."""
-    previous = torch.hub.get_dir()
-    hub = tmp_path / "hub"
-    torch.hub.set_dir(str(hub))
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    original = torch.hub.download_url_to_file
-    torch.hub.download_url_to_file = no_download
-    try:
-        yield hub
-    finally:
-        torch.hub.download_url_to_file = original
-        torch.hub.set_dir(previous)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
@@ -215,7 +199,7 @@ def test_kl_matches_closed_form_and_monte_carlo():
     assert kl.item() == pytest.approx(mc.item(), rel=0.01)
 
     assert kl_divergence(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).item() == 0.0
-    assert bits_per_dim(kl, 24, 24) == pytest.approx(kl.item() / (math.log(2) * 3 * 24 * 24))
+    assert bits_per_dim(kl, 3 * 24 * 24) == pytest.approx(kl.item() / (math.log(2) * 3 * 24 * 24))
 
 
 # ---------------------------------------------------------------------------------------------------

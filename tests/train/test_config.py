@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO
 from sdvae.errors import UserError
 from sdvae.train.config import OptimConfig, RunConfig, dump_config, load_config
 from sdvae.train.ema import EMA
 from sdvae.train.optim import build_optimizer, lr_factor
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -157,4 +158,4 @@ def test_scale_lr_is_ldms_batch_times_processes_times_accumulation():
 
     assert effective_lr(4.5e-6, OptimConfig(scale_lr=True), 12, 8, 2) == pytest.approx(4.5e-6 * 12 * 8 * 2)
     assert effective_lr(4.5e-6, OptimConfig(scale_lr=False), 12, 8, 2) == 4.5e-6
-    assert load_config(Path(__file__).resolve().parent.parent / "configs" / "sd-kl-f8.yaml").optim.scale_lr
+    assert load_config(REPO / "configs" / "sd-kl-f8.yaml").optim.scale_lr
