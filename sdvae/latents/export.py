@@ -49,7 +49,7 @@ from sdvae.errors import UserError
 from sdvae.images.resize import center_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
 from sdvae.latents.buckets import BucketSet, bucket_options, crop_to_bucket, variant_identity, variant_meta
-from sdvae.latents.flips import with_flips
+from sdvae.latents.flips import row_latents, with_flips
 from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
 from sdvae.latents.shards import (
     FIXED_COLUMNS,
@@ -225,18 +225,8 @@ def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, see
     for pixels, group in batch["groups"]:
         enc = codec.encode(with_flips(pixels, hflip))  # (b or 2b,C,h,w) float32 moments
         mean, logvar = enc.mean.cpu(), enc.logvar.cpu()
-        b = len(group)
         for j, item in enumerate(group):
-            tensors = {}
-            for suffix, k, purpose in [("", j, "encode-sample"), ("_flip", b + j, "encode-sample-flip")][
-                    :2 if hflip == "both" else 1]:
-                if store == "mean_logvar":
-                    tensors.update({f"mean{suffix}": mean[k], f"logvar{suffix}": logvar[k]})
-                elif store == "mean":
-                    tensors[f"latent{suffix}"] = mean[k]
-                else:  # one posterior draw, seeded by the input index: the same in any run or process
-                    eps = torch.randn(mean[k].shape, generator=seeded_generator(seed, purpose, item["index"]))
-                    tensors[f"latent{suffix}"] = mean[k] + torch.exp(0.5 * logvar[k]) * eps
+            tensors = row_latents(mean, logvar, j, len(group), store, seed, item["index"], hflip)
             item["shape"] = list(mean[j].shape)
             item["latents"] = {name: _to_numpy(t.to(target)) for name, t in tensors.items()}
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sdvae.seeding import seeded_generator
+
 HFLIP = ("none", "both")
 FLIP_SUFFIX = "_flip"
 
@@ -39,3 +41,22 @@ def flipped_crop_box(box: Sequence[int], resized: Sequence[int]) -> list[int]:
     """A crop box [top, left, h, w] of a resized image of size ``resized`` [H, W], in its mirror image."""
     top, left, h, w = (int(v) for v in box)
     return [top, int(resized[1]) - left - w, h, w]
+
+
+def row_latents(mean: torch.Tensor, logvar: torch.Tensor, j: int, b: int, store: str, seed: int, index: int,
+                hflip: str) -> dict[str, torch.Tensor]:
+    """The stored latent columns of item ``j`` of an encoded batch of ``b`` items (then, with ``hflip``
+    ``both``, their ``b`` mirror images): ``mean``/``logvar`` or ``latent`` (``--store sample``: one
+    posterior draw seeded by the input index, the same in any run or process), plus the ``*_flip`` ones.
+    """
+    tensors = {}
+    for suffix, k, purpose in [("", j, "encode-sample"), (FLIP_SUFFIX, b + j, "encode-sample-flip")][
+            :2 if hflip == "both" else 1]:
+        if store == "mean_logvar":
+            tensors.update({f"mean{suffix}": mean[k], f"logvar{suffix}": logvar[k]})
+        elif store == "mean":
+            tensors[f"latent{suffix}"] = mean[k]
+        else:
+            eps = torch.randn(mean[k].shape, generator=seeded_generator(seed, purpose, index))
+            tensors[f"latent{suffix}"] = mean[k] + torch.exp(0.5 * logvar[k]) * eps
+    return tensors
