@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     channels, h, w = max(set(shapes), key=shapes.count)
 
     model = UNet2DModel(sample_size=(h, w), in_channels=channels, out_channels=channels, **PRESETS[args.preset])
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    # clip_sample=False: diffusers clips the predicted x0 to [-1, 1] by default (made for pixels); scaled
+    # latents have unit variance and channel means up to ~1, so clipping would shrink every sample.
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = out / "checkpoint.pt"
     step, log = 0, {"train": [], "held_out": []}
