@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--num-samples", type=int, default=64, help="latents decoded into samples.png")
     p.add_argument("--num-stats", type=int, default=1000, help="generated latents measured for report.json")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (on the trained DDPM schedule)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ancestral DDPM (default) or deterministic DDIM, on the trained schedule")
+    p.add_argument("--sample-steps", type=int, default=100, help="sampling steps (spaced over the 1000)")
     p.add_argument("--vae", default=None, help="VAE to decode with (default: the dataset's recorded model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=0, help="stop training (with a checkpoint) after this")
@@ -168,23 +170,23 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     fig.savefig(out / "loss.png")
 
-    # Sampling: DDIM on the trained schedule; latents are scaled, so unscale before decoding and stats.
+    # Sampling on the trained schedule (DDPM ancestral or DDIM); latents are scaled, so unscale them.
     from sdvae.codec.codec import Codec
     from sdvae.images.compose import image_grid
     from sdvae.images.write import save_image
     from sdvae.model.load import load_vae
 
     unet = accelerator.unwrap_model(model).eval()
-    sampler_ddim = DDIMScheduler.from_config(scheduler.config)
-    sampler_ddim.set_timesteps(args.sample_steps)
+    sampling = (DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler).from_config(scheduler.config)
+    sampling.set_timesteps(args.sample_steps)
     g = seeded_generator(args.seed, "sample")
     latents = []
     with torch.no_grad():
         for i in range(0, max(args.num_stats, args.num_samples), 500):
             x = torch.randn((min(500, max(args.num_stats, args.num_samples) - i), channels, h, w), generator=g)
             x = x.to(accelerator.device)
-            for t in sampler_ddim.timesteps:
-                x = sampler_ddim.step(unet(x, t).sample, t, x).prev_sample
+            for t in sampling.timesteps:
+                x = sampling.step(unet(x, t).sample, t, x, generator=g).prev_sample
             latents.append(x.cpu())
     scaled = torch.cat(latents)
     z = unscale_latents(scaled, data.scaling)
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
               "parameters": sum(p.numel() for p in unet.parameters()), "latent_shape": [channels, h, w],
               "held_out_loss": {"step_0": log["held_out"][0][1], "end": log["held_out"][-1][1]},
               "train_loss_last_100": float(tr[-100:, 1].mean()) if len(tr) else None,
-              "generated": {"count": min(args.num_stats, len(z)), "sampler": f"DDIM {args.sample_steps} steps",
+              "generated": {"count": min(args.num_stats, len(z)),
+                            "sampler": f"{args.sampler.upper()} {args.sample_steps} steps",
                             "channel_mean": stats.mean(1).tolist(),
                             "channel_std": stats.std(1, unbiased=False).tolist(),
                             "mean": stats.mean().item(), "std": stats.std(unbiased=False).item()},
