@@ -24,7 +24,7 @@ def decode_dataset_rows(args: argparse.Namespace) -> int:
     from sdvae.model.info import config_dict, latent_space_hash
 
     meta = read_dataset_meta(args.latents)
-    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[])
+    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[], flip="never")
     rows = args.row or [0]
     bad = [r for r in rows if not 0 <= r < len(data)]
     if bad:
@@ -72,7 +72,7 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
         src=args.src, out=args.out, model=args.model or default_model(), resolution=args.resolution, crop=args.crop,
         batch_size=args.batch_size, dtype=args.dtype, store=args.store, num_workers=args.num_workers,
         shard_size=args.shard_size, image_column=args.image_column, split=args.split, carry=carry, seed=args.seed,
-        device=args.device, progress=not args.no_progress)
+        device=args.device, progress=not args.no_progress, **_bucket_flip_options(args))
     summary = run_encode(opts)
     if args.json:
         print(json.dumps(summary))
@@ -84,6 +84,7 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
           f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
           f"{summary['shards_encoded']} shard(s) written, {summary['shards_done_before']} already done")
     if summary["complete"]:
+        _print_buckets(summary.get("buckets"))
         skipped = Path(args.out) / "skipped.txt"
         print(f"complete: {summary['rows']:,} rows in {args.out}"
               + (f"; {summary['skipped']} unreadable input(s) listed in {skipped}" if summary["skipped"] else ""))
@@ -122,7 +123,31 @@ def cmd_latent_stats(args: argparse.Namespace) -> int:
           + (", latents_mean/latents_std set" if used.get("latents_mean") is not None else ""))
     if written:
         print(f"wrote {', '.join(written[1])} to {written[0]}")
+    _print_buckets(stats.buckets)
     return 0
+
+
+def _bucket_flip_options(args: argparse.Namespace) -> dict:
+    return {"buckets": args.buckets, "bucket_step": args.bucket_step, "hflip": args.hflip}
+
+
+def _print_buckets(histogram: dict[str, int] | None) -> None:
+    """The bucket histogram of a ``--buckets`` output, one ``HxW: rows`` entry per bucket used."""
+    if histogram:
+        print(f"buckets (HxW: rows): {', '.join(f'{k}: {v:,}' for k, v in histogram.items())}")
+
+
+def _add_bucket_flip_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--buckets", metavar="AREA|sdxl", default=None,
+                   help="aspect-ratio buckets: N (area about NxN, e.g. 256 or 1024; sides multiples of "
+                   "--bucket-step, aspect ratios 1:4 to 4:1) or sdxl (SDXL's 40 published sizes). Each image goes "
+                   "to the bucket nearest its aspect ratio (log space), is resized to cover it and --crop center|"
+                   "random cropped; rows record bucket [H, W]. Replaces --resolution")
+    p.add_argument("--bucket-step", type=int, default=64,
+                   help="side step of --buckets N, a multiple of the downsampling factor (default 64)")
+    p.add_argument("--hflip", choices=("none", "both"), default="none",
+                   help="both: also store the latents of the horizontally mirrored image, in columns "
+                   "mean_flip/logvar_flip (or latent_flip) of the same row")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +182,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--carry", default=None, help="comma-separated dataset columns to carry into OUT "
                    "(default: every non-image column; '' for none)")
     p.add_argument("--seed", type=int, default=0, help="seed of random crops and of --store sample")
+    _add_bucket_flip_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--json", action="store_true", help="print one JSON summary line per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,8 +12,10 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from sdvae.errors import UserError
+from sdvae.latents.flips import flip_columns, flipped_crop_box
 from sdvae.latents.format import read_dataset_meta, stored_to_tensor
 from sdvae.latents.scaling import scale_latents
+from sdvae.seeding import seeded_generator
 
 
 def _scaling_config(scaling: Mapping[str, Any] | str | os.PathLike[str] | None,
@@ -45,7 +47,15 @@ class LatentDataset(TorchDataset):
     different for each epoch (:meth:`set_epoch`). Otherwise it is the stored latent.
 
     Rows of one dataset share a shape when encode-dataset cropped (``--crop center|random``), so the
-    default DataLoader collate works; ``--crop none`` outputs need bucketing by ``shape``.
+    default DataLoader collate works; ``--buckets`` and ``--crop none`` outputs need batches of one
+    shape: ``DataLoader(data, batch_sampler=BucketBatchSampler(data.shapes(), ...))``
+    (:mod:`sdvae.latents.bucket_sampler`).
+
+    Outputs of ``--hflip both`` also hold the latents of the mirrored images
+    (:mod:`sdvae.latents.flips`). With ``flip="random"`` (the default) an item is the mirrored copy
+    with probability ½, drawn from (seed, epoch, index) like the posterior noise; ``"always"`` and
+    ``"never"`` choose one side. Such items carry ``"flipped"`` (bool), and their ``crop_box`` is the
+    box in the mirrored image.
 
     Args:
         path: the output folder of ``sdvae encode-dataset``.
@@ -56,11 +66,12 @@ class LatentDataset(TorchDataset):
             ``latents_mean``/``latents_std`` (e.g. ``vae.config`` or what ``sdvae latent-stats`` wrote),
             a diffusers folder or config.json path, or None for the scaling in force at encode time.
         columns: carried columns to return (None: all of them).
+        flip: ``random``, ``always`` or ``never`` use the mirrored copies of ``--hflip both``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, seed: int = 0, scaled: bool = True, sample: bool = True,
                  scaling: Mapping[str, Any] | str | os.PathLike[str] | None = None,
-                 columns: Sequence[str] | None = None):
+                 columns: Sequence[str] | None = None, flip: str = "random"):
         import datasets
 
         self.path = Path(path)
@@ -77,12 +88,26 @@ class LatentDataset(TorchDataset):
                                 f"(carried: {', '.join(carried) or 'none'})")
             carried = list(columns)
         self.carried = carried
+        if flip not in ("random", "always", "never"):
+            raise ValueError(f"flip must be random, always or never, got {flip!r}")
+        self.has_flips = self.meta.get("hflip", "none") == "both"
+        if flip == "always" and not self.has_flips:
+            raise UserError(f"{self.path}: holds no mirrored copies (encode-dataset --hflip both); flip='always' "
+                            "is impossible")
+        self.flip = flip if self.has_flips else "never"
         wanted = ["mean", "logvar"] if self.sample else [self.meta["latent_columns"][0]]
+        if self.flip != "never":
+            wanted += flip_columns(wanted)
         self._latents = ds.with_format("numpy", columns=wanted)
-        self._rest = ds.select_columns(["index", "key", "shape", "original_size", "crop_box", *carried])
+        self._rest = ds.select_columns(["index", "key", "shape", "original_size", "resized_size", "crop_box",
+                                        *carried])
 
     def __len__(self) -> int:
         return len(self._rest)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every row's latent shape (C, h, w), in row order: what :class:`BucketBatchSampler` groups by."""
+        return [tuple(s) for s in self._rest["shape"]]
 
     def set_epoch(self, epoch: int) -> None:
         """Use the posterior draws of ``epoch`` from now on (call before each epoch)."""
@@ -91,25 +116,48 @@ class LatentDataset(TorchDataset):
     def unscaled(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Row ``i``'s latent in the decoder's space, (C,h,w) float32, and its other columns."""
         row = self._rest[i]
-        dtype, shape = self.meta["dtype"], row["shape"]
-        stored = self._latents[i]
-        if self.sample:
-            from sdvae.seeding import seeded_generator
+        return self._latent(self._latents[i], row), row
 
-            mean = stored_to_tensor(stored["mean"], dtype, shape)
-            logvar = stored_to_tensor(stored["logvar"], dtype, shape)
+    def flipped(self, index: int) -> bool:
+        """Whether row ``index`` (its input index) is served mirrored in the current epoch."""
+        if self.flip != "random":
+            return self.flip == "always"
+        return bool(torch.rand((), generator=seeded_generator(self.seed, "flip", self.epoch, index)) < 0.5)
+
+    def _latent(self, stored: Mapping[str, Any], row: dict[str, Any]) -> torch.Tensor:
+        dtype, shape = self.meta["dtype"], row["shape"]
+        suffix = "_flip" if self.has_flips and self.flipped(row["index"]) else ""
+        if self.has_flips:
+            row["flipped"] = bool(suffix)
+        if self.sample:
+            mean = stored_to_tensor(stored["mean" + suffix], dtype, shape)
+            logvar = stored_to_tensor(stored["logvar" + suffix], dtype, shape)
             eps = torch.randn(mean.shape, generator=seeded_generator(self.seed, "latent", self.epoch, row["index"]))
-            z = mean + torch.exp(0.5 * logvar) * eps
-        else:
-            z = stored_to_tensor(next(iter(stored.values())), dtype, shape)
-        return z, row
+            return mean + torch.exp(0.5 * logvar) * eps
+        return stored_to_tensor(stored[self.meta["latent_columns"][0] + suffix], dtype, shape)
+
+    def _item(self, z: torch.Tensor, row: Mapping[str, Any]) -> dict[str, Any]:
+        if self.scaled:
+            z = scale_latents(z[None], self.scaling)[0]
+        box = flipped_crop_box(row["crop_box"], row["resized_size"]) if row.get("flipped") else row["crop_box"]
+        item = {"latent": z, "index": int(row["index"]), "key": row["key"],
+                "original_size": torch.tensor(row["original_size"], dtype=torch.int64),
+                "crop_box": torch.tensor(box, dtype=torch.int64)}
+        if self.has_flips:
+            item["flipped"] = row["flipped"]
+        item.update({c: row[c] for c in self.carried})
+        return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         z, row = self.unscaled(i)
-        if self.scaled:
-            z = scale_latents(z[None], self.scaling)[0]
-        item = {"latent": z, "index": int(row["index"]), "key": row["key"],
-                "original_size": torch.tensor(row["original_size"], dtype=torch.int64),
-                "crop_box": torch.tensor(row["crop_box"], dtype=torch.int64)}
-        item.update({c: row[c] for c in self.carried})
-        return item
+        return self._item(z, row)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Several rows with one columnar read (what a DataLoader with a batch sampler calls)."""
+        indices = [int(i) for i in indices]
+        rows, stored = self._rest[indices], self._latents[indices]
+        out = []
+        for j in range(len(indices)):
+            row = {k: v[j] for k, v in rows.items()}
+            out.append(self._item(self._latent({k: v[j] for k, v in stored.items()}, row), row))
+        return out

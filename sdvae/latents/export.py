@@ -49,6 +49,8 @@ from torch.utils.data import DataLoader, Dataset
 from sdvae.errors import UserError
 from sdvae.images.resize import center_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
+from sdvae.latents.buckets import BucketSet, bucket_options, crop_to_bucket, variant_identity, variant_meta
+from sdvae.latents.flips import row_latents, with_flips
 from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
 from sdvae.latents.preview import rgb_fit_sums
 from sdvae.latents.shards import (
@@ -94,6 +96,9 @@ class EncodeOptions:
     split: str = "train"
     carry: tuple[str, ...] | None = None
     seed: int = 0
+    buckets: str | None = None  # aspect-ratio buckets: "sdxl" or an area side ("256"); see latents.buckets
+    bucket_step: int = 64
+    hflip: str = "none"  # "both": also store the latents of the mirrored image (latents.flips)
     device: str | None = None
     cache_dir: str | None = None
     progress: bool = True
@@ -156,8 +161,10 @@ def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: i
 class _Items(Dataset):
     """Input index → ``{"index", "key", "name", "pixels" | "error", sizes, "crop_box", "extras"}``."""
 
-    def __init__(self, source: ImageSource, resolution: int, crop: str, factor: int, seed: int):
+    def __init__(self, source: ImageSource, resolution: int, crop: str, factor: int, seed: int,
+                 buckets: BucketSet | None = None):
         self.source, self.resolution, self.crop, self.factor, self.seed = source, resolution, crop, factor, seed
+        self.buckets = buckets
 
     def __len__(self) -> int:
         return len(self.source)
@@ -168,7 +175,11 @@ class _Items(Dataset):
         try:
             image = src.load(index)
             generator = seeded_generator(self.seed, "encode-crop", index) if self.crop == "random" else None
-            pixels, resized, box = crop_for_encoding(image, self.resolution, self.crop, self.factor, generator)
+            if self.buckets is not None:
+                item["bucket"] = list(self.buckets.assign(*image.shape[-2:]))
+                pixels, resized, box = crop_to_bucket(image, item["bucket"], self.crop, generator)
+            else:
+                pixels, resized, box = crop_for_encoding(image, self.resolution, self.crop, self.factor, generator)
         except UserError as err:  # unreadable: reported, never fatal
             item["error"] = str(err)
             return item
@@ -206,22 +217,21 @@ def _batches(pending: list[int], num_inputs: int, shard_size: int, batch_size: i
     return out
 
 
-def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, seed: int) -> None:
-    """Encode the readable items of a collated batch in place (adds ``latents``: column → flat numpy array)."""
+def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, seed: int,
+                  hflip: str = "none") -> None:
+    """Encode the readable items of a collated batch in place (adds ``latents``: column → flat numpy array).
+
+    With ``hflip`` ``both`` the mirrored pixels are encoded in the same model call and stored under
+    the ``*_flip`` columns (:mod:`sdvae.latents.flips`).
+    """
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     for pixels, group in batch["groups"]:
-        enc = codec.encode(pixels)  # (b,C,h,w) float32 moments
+        enc = codec.encode(with_flips(pixels, hflip))  # (b or 2b,C,h,w) float32 moments
         mean, logvar = enc.mean.cpu(), enc.logvar.cpu()
         xtx, xty = rgb_fit_sums(mean, pixels)
         batch["rgb_fit"] = _add_fit(batch.get("rgb_fit"), {"xtx": xtx, "xty": xty, "cells": mean[:, 0].numel()})
         for j, item in enumerate(group):
-            if store == "mean_logvar":
-                tensors = {"mean": mean[j], "logvar": logvar[j]}
-            elif store == "mean":
-                tensors = {"latent": mean[j]}
-            else:  # one posterior draw, seeded by the input index: the same in any run or process
-                eps = torch.randn(mean[j].shape, generator=seeded_generator(seed, "encode-sample", item["index"]))
-                tensors = {"latent": mean[j] + torch.exp(0.5 * logvar[j]) * eps}
+            tensors = row_latents(mean, logvar, j, len(group), store, seed, item["index"], hflip)
             item["shape"] = list(mean[j].shape)
             item["latents"] = {name: _to_numpy(t.to(target)) for name, t in tensors.items()}
 
@@ -255,7 +265,7 @@ def _dataset_meta(opts: EncodeOptions, identity: dict[str, Any], source: ImageSo
                           "trim": "whole image; sides trimmed (centred) to multiples of the downsampling factor"
                           if crop == "none" else None,
                           "input_range": "[-1,1] RGB; alpha composited on white; EXIF rotation applied"},
-        "store": opts.store, "dtype": opts.dtype, "latent_columns": latent_columns(opts.store),
+        "store": opts.store, "dtype": opts.dtype, "latent_columns": latent_columns(opts.store, opts.hflip),
         "storage": f"flat lists of {ARROW_DTYPES[opts.dtype]}, reshaped by the row's `shape` (C,h,w)"
         + (" (raw bfloat16 bit patterns)" if opts.dtype == "bf16" else ""),
         "carried_columns": list(source.carry), "sizes": "[height, width]; crop_box [top, left, height, width] "
@@ -285,12 +295,12 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     rank, world, local_rank = dist_env()
     device = opts.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     opts = dataclasses.replace(opts, dtype=resolve_dtype(opts.dtype, device))  # "auto" → what this device runs
-    crop = opts.crop or ("center" if opts.resolution else "none")
+    crop = opts.crop or ("center" if opts.resolution or opts.buckets else "none")
     if crop not in CROPS or opts.store not in STORES:
         raise UserError(f"bad option: crop {crop!r}, store {opts.store!r} or dtype {opts.dtype!r}")
     if opts.resolution < 0 or opts.batch_size < 1 or opts.shard_size < 1 or opts.num_workers < 0:
         raise UserError("--resolution must be >= 0, --batch-size and --shard-size >= 1, --num-workers >= 0")
-    if crop != "none" and not opts.resolution:
+    if crop != "none" and not opts.resolution and not opts.buckets:
         raise UserError(f"--crop {crop} needs --resolution N (the crop size)")
     source = open_source(opts.src, opts.image_column, opts.split, opts.cache_dir, carry=opts.carry)
     clash = [c for c in source.carry if c in FIXED_COLUMNS]
@@ -301,6 +311,7 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     factor, config = downsample_factor(vae), config_dict(vae)
     if crop != "none" and opts.resolution % factor:
         raise UserError(f"--resolution {opts.resolution} is not a multiple of the downsampling factor {factor}")
+    buckets = bucket_options(opts.buckets, opts.bucket_step, opts.hflip, opts.resolution, crop, factor)
     local_src = Path(opts.src).expanduser()
     num_inputs = len(source)
     identity = json.loads(json.dumps({
@@ -309,11 +320,11 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         "split": opts.split, "carry": list(source.carry), "model": opts.model, "config_hash": config_hash(vae),
         "weights_hash": weights_hash(vae), "resolution": opts.resolution, "crop": crop, "dtype": opts.dtype,
         "store": opts.store, "seed": opts.seed, "shard_size": opts.shard_size,
-        "num_shards": math.ceil(num_inputs / opts.shard_size)}))
+        "num_shards": math.ceil(num_inputs / opts.shard_size), **variant_identity(buckets, opts.hflip)}))
     out = Path(opts.out)
     check_arguments(out, identity)
-    features = build_features(opts.store, opts.dtype, source.extra_features())
-    meta = _dataset_meta(opts, identity, source, config, factor)
+    features = build_features(opts.store, opts.dtype, source.extra_features(), opts.hflip, buckets is not None)
+    meta = variant_meta(_dataset_meta(opts, identity, source, config, factor), buckets, opts.hflip)
 
     num_shards = identity["num_shards"]
     mine = list(range(rank, num_shards, world))
@@ -326,7 +337,7 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
                                "shards_done_before": len(mine) - len(pending), "shards_encoded": 0,
                                "encoded": 0, "unreadable": 0}
     codec = Codec(vae, device=device, dtype=opts.dtype, tile="auto")
-    dataset = _Items(source, opts.resolution, crop, factor, opts.seed)
+    dataset = _Items(source, opts.resolution, crop, factor, opts.seed, buckets)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=opts.num_workers,
                         prefetch_factor=4 if opts.num_workers else None, pin_memory=device.startswith("cuda"))
     total = sum(len(b) for b in batches)
@@ -353,6 +364,8 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     summary["complete"] = final is not None
     if final is not None:
         summary.update(rows=final["rows"], skipped=final["skipped"])
+        if "bucket_histogram" in final:
+            summary["buckets"] = final["bucket_histogram"]
     else:
         summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(num_shards))
     return summary
@@ -367,7 +380,7 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
     skipped: dict[int, list[dict[str, Any]]] = {k: [] for k in left}
     for batch in batches:
         k = batch["first"] // opts.shard_size
-        _encode_batch(codec, batch, opts.store, opts.dtype, opts.seed)
+        _encode_batch(codec, batch, opts.store, opts.dtype, opts.seed, opts.hflip)
         items = batch["items"]
         fits[k] = _add_fit(fits[k], batch.get("rgb_fit"))
         for item in items:

@@ -17,7 +17,8 @@ from sdvae.atomic import atomic_file
 from sdvae.errors import UserError
 from sdvae.latents.format import ARROW_DTYPES, DATASET_META, ENCODE_ARGS
 
-FIXED_COLUMNS = ("key", "index", "mean", "logvar", "latent", "shape", "original_size", "resized_size", "crop_box")
+LATENT_NAMES = ("mean", "logvar", "latent", "mean_flip", "logvar_flip", "latent_flip")
+FIXED_COLUMNS = ("key", "index", *LATENT_NAMES, "shape", "original_size", "resized_size", "crop_box", "bucket")
 
 
 def shard_path(out: Path, k: int) -> Path:
@@ -83,21 +84,30 @@ def check_arguments(out: Path, identity: dict[str, Any]) -> None:
     write_json(path, identity)
 
 
-def build_features(store: str, dtype: str, extra: Any) -> Any:
-    """The ``datasets.Features`` of the rows (fixed columns first, then the carried ones)."""
+def build_features(store: str, dtype: str, extra: Any, hflip: str = "none", buckets: bool = False) -> Any:
+    """The ``datasets.Features`` of the rows (fixed columns first, then the carried ones).
+
+    ``hflip`` ``both`` adds the flipped copies' latent columns; ``buckets`` adds ``bucket`` ([H, W]).
+    """
     import datasets
 
     ints = datasets.List(datasets.Value("int32"))
     latent = datasets.List(datasets.Value(ARROW_DTYPES[dtype]))
     cols: dict[str, Any] = {"key": datasets.Value("string"), "index": datasets.Value("int64")}
-    cols.update({name: latent for name in latent_columns(store)})
+    cols.update({name: latent for name in latent_columns(store, hflip)})
     cols.update(shape=ints, original_size=ints, resized_size=ints, crop_box=ints)
+    if buckets:
+        cols["bucket"] = ints
     cols.update(dict(extra or {}))
     return datasets.Features(cols)
 
 
-def latent_columns(store: str) -> list[str]:
-    return ["mean", "logvar"] if store == "mean_logvar" else ["latent"]
+def latent_columns(store: str, hflip: str = "none") -> list[str]:
+    """The latent columns of a row: the image's own, then (``hflip`` ``both``) its mirror image's."""
+    from sdvae.latents.flips import flip_columns
+
+    own = ["mean", "logvar"] if store == "mean_logvar" else ["latent"]
+    return own + (flip_columns(own) if hflip == "both" else [])
 
 
 def _flat_list_array(arrays: list[np.ndarray], arrow_type: Any) -> Any:
@@ -122,7 +132,7 @@ def write_shard(path: Path, rows: list[dict[str, Any]], features: Any) -> None:
     arrays = []
     for field in schema:
         name = field.name
-        if name in ("mean", "logvar", "latent"):
+        if name in LATENT_NAMES:
             arrays.append(_flat_list_array([r["latents"][name] for r in rows], field.type.value_type))
         elif name in FIXED_COLUMNS:
             arrays.append(pa.array([r[name] for r in rows], type=field.type))
@@ -139,6 +149,18 @@ def shard_rows(path: Path) -> int:
 
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_stream(source).read_all().num_rows
+
+
+def bucket_histogram(files: list[Path]) -> dict[str, int]:
+    """Rows per bucket over the shards, ``{"HxW": count}`` in order of aspect ratio (width / height)."""
+    import pyarrow as pa
+
+    counts: dict[tuple[int, int], int] = {}
+    for path in files:
+        with pa.memory_map(str(path)) as source:
+            for h, w in pa.ipc.open_stream(source).read_all().column("bucket").to_pylist():
+                counts[(h, w)] = counts.get((h, w), 0) + 1
+    return {f"{h}x{w}": counts[(h, w)] for h, w in sorted(counts, key=lambda s: (s[1] / s[0], s[0]))}
 
 
 def finalize(out: Path, identity: dict[str, Any], features: Any, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -158,6 +180,8 @@ def finalize(out: Path, identity: dict[str, Any], features: Any, meta: dict[str,
     rows = sum(shard_rows(f) for f in files)
     meta = {**meta, "rows": rows, "skipped": len(skipped), "num_shards": num_shards,
             "preview_rgb": combined_rgb_fit(out, num_shards)}
+    if "buckets" in meta:
+        meta["bucket_histogram"] = bucket_histogram(files)
     with atomic_file(out / "skipped.txt") as tmp:
         tmp.write_text("".join(f"{s['name']}\t{' '.join(s['reason'].split())}\n" for s in skipped))
     info = {"citation": "", "description": json.dumps(meta, sort_keys=True), "features": features.to_dict(),

@@ -45,6 +45,8 @@ class LatentStats:
         values_per_channel: values per channel (rows × positions).
         channel_mean, channel_std: per channel (C,).
         mean, std: over all channels and positions together.
+        buckets: rows per aspect-ratio bucket ``{"HxW": count}`` of an ``--buckets`` output, else None
+            (the statistics pool every bucket; ``--hflip`` copies are not counted).
     """
 
     over: str
@@ -54,6 +56,7 @@ class LatentStats:
     channel_std: list[float]
     mean: float
     std: float
+    buckets: dict[str, int] | None = None
 
     @property
     def scaling_factor(self) -> float:
@@ -156,7 +159,9 @@ def compute_latent_stats(path: str | os.PathLike[str], over: str = "auto") -> La
         moments.add(values[0], np.exp(values[1]) if over == "posterior" else None)
     if moments is None:
         raise UserError(f"{folder}: the dataset has no rows to measure")
-    return moments.result(over, int(meta["rows"]))
+    stats = moments.result(over, int(meta["rows"]))
+    stats.buckets = meta.get("bucket_histogram")
+    return stats
 
 
 def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> LatentStats:
