@@ -228,8 +228,9 @@ def _encode_batch(codec: Any, batch: dict[str, Any], store: str, dtype: str, see
     for pixels, group in batch["groups"]:
         enc = codec.encode(with_flips(pixels, hflip))  # (b or 2b,C,h,w) float32 moments
         mean, logvar = enc.mean.cpu(), enc.logvar.cpu()
-        xtx, xty = rgb_fit_sums(mean, pixels)
-        batch["rgb_fit"] = _add_fit(batch.get("rgb_fit"), {"xtx": xtx, "xty": xty, "cells": mean[:, 0].numel()})
+        own = mean[: len(pixels)]  # the preview map is fitted on the images as given (not the mirrored copies)
+        xtx, xty = rgb_fit_sums(own, pixels)
+        batch["rgb_fit"] = _add_fit(batch.get("rgb_fit"), {"xtx": xtx, "xty": xty, "cells": own[:, 0].numel()})
         for j, item in enumerate(group):
             tensors = row_latents(mean, logvar, j, len(group), store, seed, item["index"], hflip)
             item["shape"] = list(mean[j].shape)

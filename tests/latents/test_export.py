@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -198,3 +199,13 @@ def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path,
 
 
 # --- statistics, decode, preview ------------------------------------------------------------------
+
+
+def test_preview_map_is_fitted_on_the_images_as_given_with_or_without_flip_copies(images: Path, tmp_path: Path):
+    encode_small(images, tmp_path / "plain")
+    encode_small(images, tmp_path / "flips", hflip="both")
+    plain, flips = (read_dataset_meta(tmp_path / n)["preview_rgb"] for n in ("plain", "flips"))
+    assert plain["cells"] == flips["cells"]  # the mirrored copies are not fitted on
+    # The same map up to float rounding (the mirrored images share the model call, which changes the batch).
+    np.testing.assert_allclose(plain["weight"], flips["weight"], atol=1e-4)
+    np.testing.assert_allclose(plain["bias"], flips["bias"], atol=1e-4)
