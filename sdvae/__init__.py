@@ -21,6 +21,7 @@ _EXPORTS = {
     "scale_latents": "sdvae.latents.scaling",
     "unscale_latents": "sdvae.latents.scaling",
     "LatentDataset": "sdvae.latents.dataset",
+    "BucketBatchSampler": "sdvae.latents.bucket_sampler",
     "UserError": "sdvae.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
