@@ -53,6 +53,16 @@ def center_offsets(height: int, width: int, crop: tuple[int, int]) -> tuple[int,
     return (height - crop[0]) // 2, (width - crop[1]) // 2
 
 
+def crop_offsets(height: int, width: int, crop: tuple[int, int], *, random: bool = False,
+                 generator: torch.Generator | None = None) -> tuple[int, int]:
+    """(top, left) of a ``crop`` = (h, w) inside a height×width image: centered, or uniform from ``generator``."""
+    if not random:
+        return center_offsets(height, width, crop)
+    top = int(torch.randint(height - crop[0] + 1, (1,), generator=generator))
+    left = int(torch.randint(width - crop[1] + 1, (1,), generator=generator))
+    return top, left
+
+
 def center_crop(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """(…,H,W) → (…,h,w) from the middle, ``size`` = side or (h, w) with h ≤ H, w ≤ W."""
     ch, cw = (size, size) if isinstance(size, int) else size

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdvae.errors import UserError
-from sdvae.images.resize import center_offsets, cover_size, resize_to
+from sdvae.images.resize import cover_size, crop_offsets, resize_to
 from sdvae.latents.flips import HFLIP
 
 MAX_RATIO = 4.0
@@ -184,10 +184,6 @@ def crop_to_bucket(image: torch.Tensor, bucket: Sequence[int], crop: str,
     rh, rw = cover_size(*image.shape[-2:], (bh, bw))
     if (rh, rw) != tuple(image.shape[-2:]):
         image = resize_to(image, (rh, rw))
-    if crop == "random":
-        top = int(torch.randint(rh - bh + 1, (1,), generator=generator))
-        left = int(torch.randint(rw - bw + 1, (1,), generator=generator))
-    else:
-        top, left = center_offsets(rh, rw, (bh, bw))
+    top, left = crop_offsets(rh, rw, (bh, bw), random=crop == "random", generator=generator)
     pixels = image[:, top:top + bh, left:left + bw].float().contiguous()
     return pixels, [rh, rw], [top, left, bh, bw]

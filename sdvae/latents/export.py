@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdvae.errors import UserError
-from sdvae.images.resize import center_offsets, resize_shorter
+from sdvae.images.resize import center_offsets, crop_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
 from sdvae.latents.buckets import BucketSet, bucket_options, crop_to_bucket, variant_identity, variant_meta
 from sdvae.latents.flips import row_latents, with_flips
@@ -149,11 +149,7 @@ def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: i
         top, left = center_offsets(h, w, (ch, cw))
     else:
         ch = cw = resolution
-        if crop == "random":
-            top = int(torch.randint(h - ch + 1, (1,), generator=generator))
-            left = int(torch.randint(w - cw + 1, (1,), generator=generator))
-        else:
-            top, left = center_offsets(h, w, (ch, cw))
+        top, left = crop_offsets(h, w, (ch, cw), random=crop == "random", generator=generator)
     pixels = image[:, top:top + ch, left:left + cw].float().contiguous()
     return pixels, [int(h), int(w)], [int(top), int(left), int(ch), int(cw)]
 
