@@ -64,3 +64,13 @@ def stored_latent(row: dict, column: str, dtype: str = "fp32") -> torch.Tensor:
 def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
     """Inode and mtime of each finished shard (unchanged means not rewritten)."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "data").glob("shard-*.arrow"))}
+
+
+def load_tool(name: str):
+    """Import ``tools/NAME.py`` (scripts are not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO
+from helpers import REPO, load_tool
 from sdvae.codec.codec import crop_to, pad_to_multiple
 from sdvae.errors import UserError
 from sdvae.images import load as images
@@ -630,12 +630,7 @@ def test_pad_noop_and_unbatched() -> None:
 
 
 def test_testcard_asset_matches_generator() -> None:
-    import importlib.util
-
-
-    spec = importlib.util.spec_from_file_location("make_testcard", REPO / "tools" / "make_testcard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("make_testcard")
     asset = REPO / "assets" / "testcard.png"
 
     card = module.make_testcard()

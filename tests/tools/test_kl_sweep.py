@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO, make_photo
+from helpers import REPO, load_tool, make_photo
 from sdvae.errors import UserError
 from sdvae.train.config import dump_config, load_config
 
@@ -22,14 +21,8 @@ SCRIPT = REPO / "tools" / "kl_sweep.py"
 TEST_CONFIG = REPO / "configs" / "test.yaml"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("kl_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-kl_sweep = _load_tool()
+kl_sweep = load_tool("kl_sweep")
 
 
 @pytest.mark.parametrize(("weight", "label"), [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,21 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, encode_small, save_photo
+from helpers import REPO, encode_small, load_tool, save_photo
 
 SCRIPT = REPO / "tools" / "train_latent_diffusion.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("train_latent_diffusion", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_trains_resumes_samples_and_reports(tmp_path: Path) -> None:
-    tool = _load_tool()
+    tool = load_tool("train_latent_diffusion")
     for i in range(16):
         save_photo(tmp_path / "imgs" / f"im{i:02d}.png", 40 + 4 * (i % 3), 36, seed=i)
     latents = tmp_path / "latents"
