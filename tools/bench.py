@@ -1,6 +1,6 @@
 """Benchmarks for sdvae. One subcommand per benchmark; each prints its figures as plain text.
 
-    python tools/bench.py tiling [--size 1024] [--big 2048]
+    python tools/bench.py tiling [--size 1024] [--big 2048] [--roundtrip 2048,4096]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.1]
     python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
     python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +88,32 @@ def _child(mode: str, size: int, preset: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _roundtrip_child(size: int, preset: str, folder: Path) -> dict:
+    """``sdvae roundtrip --tile on`` of a size² photo-like image in a fresh process: seconds, peak RSS."""
+    import numpy as np
+    from PIL import Image
+
+    image = folder / f"photo{size}.png"
+    if not image.exists():  # smooth colour fields plus grain: PNG-compressible, not flat
+        rng = np.random.default_rng(size)
+        base = Image.fromarray(rng.integers(0, 256, (size // 64, size // 64, 3), dtype=np.uint8))
+        pixels = np.asarray(base.resize((size, size), Image.BICUBIC), dtype=np.int16)
+        pixels = pixels + rng.integers(-8, 9, pixels.shape, dtype=np.int16)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(image)
+    cmd = [sys.executable, "-m", "sdvae", "roundtrip", str(image), "--model", preset, "--tile", "on", "--json",
+           "-o", str(folder / f"photo{size}.recon.png")]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: ru_maxrss is its VmHWM in kB
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"sdvae roundtrip {size}² failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "psnr": result["psnr"], "dtype": result["dtype"]}
+
+
 def cmd_tiling(args: argparse.Namespace) -> None:
     """Exactness of our tiled decode vs untiled (and diffusers' tiling), then memory at a big size."""
     from sdvae.model.build import build_preset
@@ -117,6 +145,15 @@ def cmd_tiling(args: argparse.Namespace) -> None:
               f" (before decoding: {big['rss_before'] / gib:.2f} GiB)")
         if base:
             print(f"  ratio tiled {args.big}² / untiled {args.size or 1024}²: {big['peak_rss'] / base['peak_rss']:.2f}")
+    sizes = [int(s) for s in args.roundtrip.split(",") if s.strip()]
+    if sizes:
+        print("`sdvae roundtrip --tile on` (load, encode, decode, PSNR/SSIM, both PNGs), peak RSS of a fresh process:",
+              flush=True)
+        with tempfile.TemporaryDirectory(prefix="sdvae-bench-") as tmp:
+            for size in sizes:
+                row = _roundtrip_child(size, args.preset, Path(tmp))
+                print(f"  roundtrip {size}²: {row['peak_rss'] / 1e9:.2f} GB ({row['peak_rss'] / gib:.2f} GiB), "
+                      f"{row['seconds']:.1f} s, {row['dtype']}", flush=True)
 
 
 def _synthetic_batches(count: int, batch: int, resolution: int, seed: int = 0):
@@ -479,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--big", type=int, default=2048, help="image side for the memory measurement (0: skip)")
     p.add_argument("--preset", default="sd")
     p.add_argument("--skip-untiled", action="store_true", help="do not measure the untiled peak RSS")
+    p.add_argument("--roundtrip", default="2048", help="comma-separated image sides for the `sdvae roundtrip` "
+                   "peak RSS (e.g. 2048,4096; empty: skip)")
     p.set_defaults(func=cmd_tiling)
 
     def train_args(p: argparse.ArgumentParser) -> None:
