@@ -26,7 +26,7 @@ PROBLEMS = {
     "truncated.safetensors": "past the end",
     "empty.safetensors": "empty",
     "not_a_vae.safetensors": "no vae weights",
-    "folder_config_channels": "shape",
+    "folder_config_channels": "config.json needs",
     "folder_missing_keys": "missing keys",
     "folder_extra_keys": "unexpected keys",
     "folder_bad_config": "config.json",
