@@ -46,12 +46,17 @@ def _load_diffusers_folder(path: Path) -> AutoencoderKL:
         raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({first_line(err)})") from None
     finally:
         dlogging.set_verbosity(verbosity)
+    return _exact(vae, info, folder).float().eval()
+
+
+def _exact(vae: AutoencoderKL, info: dict, where: object) -> AutoencoderKL:
+    """``vae`` if diffusers' loading info reports no missing, unexpected or mis-shaped weight, else a UserError."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
         if keys:
-            raise UserError(f"{folder}: weights do not match config.json: {kind.replace('_', ' ')} "
+            raise UserError(f"{where}: weights do not match config.json: {kind.replace('_', ' ')} "
                             f"{name_keys(sorted(keys))}")
-    return vae.float().eval()
+    return vae
 
 
 def _check_folder_weights(folder: Path, weights: Path) -> None:
@@ -96,9 +101,11 @@ def _load_hub(ref: str) -> AutoencoderKL:
         try:
             with warnings.catch_warnings():  # huggingface_hub deprecation chatter is not for our users
                 warnings.simplefilter("ignore")
-                return AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True).eval()
+                vae, info = AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True,
+                                                          output_loading_info=True)
         except Exception:  # not cached (or cached without this subfolder): try the next way
-            pass
+            continue
+        return _exact(vae, info, ref).eval()
     if not _hub_reachable():
         raise UserError(
             f"cannot load '{ref}': not in the local Hugging Face cache and the Hub is unreachable; "
@@ -107,9 +114,11 @@ def _load_hub(ref: str) -> AutoencoderKL:
     errors = []
     for subfolder in (None, "vae"):
         try:
-            return AutoencoderKL.from_pretrained(ref, subfolder=subfolder).eval()
+            vae, info = AutoencoderKL.from_pretrained(ref, subfolder=subfolder, output_loading_info=True)
         except Exception as err:  # hub errors come in many types; all mean "not loadable"
             errors.append(first_line(err))
+            continue
+        return _exact(vae, info, ref).eval()
     raise UserError(f"cannot load '{ref}' from the Hugging Face Hub ({errors[-1]}); "
                     f"pass a local folder instead, e.g. --model /path/to/{name}")
 
