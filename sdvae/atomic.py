@@ -85,8 +85,11 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
-            except OSError:
-                os.replace(old, final)  # put the previous content back before reporting
+            except OSError as err:
+                try:
+                    os.replace(old, final)  # put the previous content back before reporting
+                except OSError:
+                    raise WriteError(final, err, f"its previous content is kept in {old}") from err
                 raise
             with contextlib.suppress(OSError):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -28,10 +28,10 @@ class WriteError(UserError, OSError):
     the original's, so callers can tell ENOSPC from EROFS).
     """
 
-    def __init__(self, path: object, err: OSError) -> None:
+    def __init__(self, path: object, err: OSError, note: str = "") -> None:
         reason = err.strerror or first_line(err, with_type=True)
         super().__init__(err.errno, reason, str(path))
-        self.message = f"{path}: cannot write ({reason})"
+        self.message = f"{path}: cannot write ({reason})" + (f"; {note}" if note else "")
 
     def __str__(self) -> str:
         return self.message

@@ -152,8 +152,18 @@ def _write_checkpoint(final: Path, tmp: Path, step: int, modules: Mapping[str, t
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         # state.json last: its presence marks a complete folder even before the rename.
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.is_dir():  # the same step again: the old folder goes back if the new one cannot take its place
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         if keep > 0:
             for old in sorted(p for p in final.parent.glob("step-*") if _NAME.match(p.name))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

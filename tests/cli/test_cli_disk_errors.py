@@ -185,3 +185,16 @@ def test_encode_waits_for_in_flight_shard_writes_before_raising(images: Path, tm
     with pytest.raises(OSError, match="No space left"):
         encode_small(images, tmp_path / "latents", shard_size=8)
     assert finished == [1] and (tmp_path / "latents" / "data" / "shard-00001.arrow").is_file()
+
+
+def test_atomic_dir_says_where_the_previous_folder_is_if_it_cannot_be_put_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "config.json").write_text("old")
+    monkeypatch.setattr(os, "replace", _failing_replace(EROFS, when=lambda src, dst: dst == dest))
+    with pytest.raises(WriteError) as err, atomic_dir(dest) as tmp:
+        (tmp / "new").write_text("new")
+    aside = [p for p in tmp_path.iterdir() if p.name != "model"]
+    assert len(aside) == 1 and (aside[0] / "config.json").read_text() == "old"
+    assert str(err.value) == f"{dest}: cannot write (Read-only file system); its previous content is kept in {aside[0]}"

@@ -70,3 +70,26 @@ def test_failed_checkpoint_leaves_the_previous_one_loadable(tmp_path: Path, monk
     second = _save(tmp_path, 20, module, opt, sched)
     assert ckpt.latest_checkpoint(tmp_path) == second
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+
+
+def test_rewriting_the_same_step_keeps_the_old_folder_if_the_rename_fails(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    module, opt, sched = _state(0)
+    first = _save(tmp_path, 10, module, opt, sched)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name == "step-00000010.tmp":  # the new folder cannot take the old one's place
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    with pytest.raises(WriteError, match="step-00000010: cannot write"):
+        _save(tmp_path, 10, module, opt, sched)
+    assert ("step-00000010", "step-00000010.old") in calls  # the old folder was moved aside, then back
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
