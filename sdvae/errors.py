@@ -21,6 +21,22 @@ class MissingWeights(UserError):
     """
 
 
+class WriteError(UserError, OSError):
+    """The file system refused a write (disk full, read-only, quota...): ``"PATH: cannot write (REASON)"``.
+
+    Both a :class:`UserError` (the CLI prints one line, exit 2) and an :class:`OSError` (``errno`` is
+    the original's, so callers can tell ENOSPC from EROFS).
+    """
+
+    def __init__(self, path: object, err: OSError, note: str = "") -> None:
+        reason = err.strerror or first_line(err, with_type=True)
+        super().__init__(err.errno, reason, str(path))
+        self.message = f"{path}: cannot write ({reason})" + (f"; {note}" if note else "")
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def first_line(err: BaseException, *, with_type: bool = False) -> str:
     """The first line of ``err``'s message, cut to :data:`MAX_REASON` characters, to quote as a reason.
 

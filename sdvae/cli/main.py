@@ -2,7 +2,8 @@
 
 Each command module (:data:`COMMANDS`) registers its own subcommand parsers next to its handlers.
 Every command turns bad input into one line on stderr and exit code 2 (see
-:class:`sdvae.errors.UserError`); heavy imports happen inside the commands so ``sdvae --help`` is fast.
+:class:`sdvae.errors.UserError`), and any other OSError into one line and exit code 1; heavy imports
+happen inside the commands so ``sdvae --help`` is fast.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import sys
 
 from sdvae import __version__
 from sdvae.cli import dataset, eval, generate, latents_file, roundtrip, weights
-from sdvae.errors import UserError
+from sdvae.errors import UserError, first_line
 
 EXIT_USER_ERROR = 2
+EXIT_OS_ERROR = 1  # an OSError no command turned into a UserError (an I/O failure, not bad input)
 # In the order `sdvae --help` lists their subcommands.
 COMMANDS = (roundtrip, latents_file, dataset, weights, eval, generate)
 
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"sdvae: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:  # after UserError: a WriteError is both, and is the user's to fix (exit 2)
+        where = f"{err.filename}: " if err.filename and str(err.filename) not in str(err) else ""
+        print(f"sdvae: error: {where}{first_line(err, with_type=True)}", file=sys.stderr)
+        return EXIT_OS_ERROR
     except KeyboardInterrupt:
         print("sdvae: interrupted", file=sys.stderr)
         return 130

@@ -348,10 +348,12 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         # An empty batch sampler (nothing pending here) must not start workers.
         _encode_loop(iter(loader) if batches else iter(()), codec, opts, out, features, left, summary, bar, writer,
                      writing)
-    finally:
-        while writing:
-            writing.popleft().result()
-        writer.shutdown()
+    except BaseException:
+        _wait_for_writes(writing, writer)  # no write still running when the error reaches the caller
+        raise
+    failed = _wait_for_writes(writing, writer)
+    if failed is not None:
+        raise failed
     bar.close()
     seconds = time.perf_counter() - start
     read = summary["encoded"] + summary["unreadable"]
@@ -366,6 +368,18 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     else:
         summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(num_shards))
     return summary
+
+
+def _wait_for_writes(writing: deque, writer: ThreadPoolExecutor) -> BaseException | None:
+    """Wait for every shard write handed to ``writer`` (even after one failed); the first failure, if any."""
+    failed = None
+    while writing:
+        try:
+            writing.popleft().result()
+        except BaseException as err:  # the first one is re-raised by the caller
+            failed = failed or err
+    writer.shutdown()
+    return failed
 
 
 def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOptions, out: Path, features: Any,

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING
 
 from sdvae.errors import UserError, first_line
 from sdvae.model.build import build_preset, regroup_norms, with_weights
+from sdvae.model.file_checks import check_safetensors
+from sdvae.model.ldm_keys import name_keys
 from sdvae.model.presets import PRESETS
+from sdvae.model.save import WEIGHTS_NAME
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     from diffusers import AutoencoderKL
@@ -23,13 +26,54 @@ def _is_diffusers_folder(path: Path) -> bool:
 
 
 def _load_diffusers_folder(path: Path) -> AutoencoderKL:
+    """Load a diffusers folder exactly: every weight present, none left over, every shape as config.json says.
+
+    diffusers itself random-initialises missing weights and ignores unexpected ones with only a log
+    warning; here either is an error, so a partial model is never used.
+    """
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging as dlogging
 
     folder = path if _is_diffusers_folder(path) else path / "vae"
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        _check_folder_weights(folder, weights)
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # its missing/unexpected-key warnings become our one-line error below
     try:
-        return AutoencoderKL.from_pretrained(folder).float().eval()
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        vae, info = AutoencoderKL.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise UserError(f"{folder}: not a loadable diffusers AutoencoderKL folder ({first_line(err)})") from None
+    finally:
+        dlogging.set_verbosity(verbosity)
+    return _exact(vae, info, folder).float().eval()
+
+
+def _exact(vae: AutoencoderKL, info: dict, where: object) -> AutoencoderKL:
+    """``vae`` if diffusers' loading info reports no missing, unexpected or mis-shaped weight, else a UserError."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if keys:
+            raise UserError(f"{where}: weights do not match config.json: {kind.replace('_', ' ')} "
+                            f"{name_keys(sorted(keys))}")
+    return vae
+
+
+def _check_folder_weights(folder: Path, weights: Path) -> None:
+    """The weights file's structure, and its tensor shapes against the model config.json describes."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    header = check_safetensors(weights)
+    try:
+        with torch.device("meta"):
+            expected = AutoencoderKL.from_config(AutoencoderKL.load_config(folder)).state_dict()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise UserError(f"{folder}: config.json does not describe an AutoencoderKL ({first_line(err)})") from None
+    for name, entry in header.items():
+        if name in expected and list(expected[name].shape) != entry["shape"]:
+            raise UserError(f"{weights}: tensor {name!r} has shape {entry['shape']} but config.json needs "
+                            f"{list(expected[name].shape)} (e.g. latent_channels/block_out_channels differ)")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -57,9 +101,11 @@ def _load_hub(ref: str) -> AutoencoderKL:
         try:
             with warnings.catch_warnings():  # huggingface_hub deprecation chatter is not for our users
                 warnings.simplefilter("ignore")
-                return AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True).eval()
+                vae, info = AutoencoderKL.from_pretrained(ref, subfolder=subfolder, local_files_only=True,
+                                                          output_loading_info=True)
         except Exception:  # not cached (or cached without this subfolder): try the next way
-            pass
+            continue
+        return _exact(vae, info, ref).eval()
     if not _hub_reachable():
         raise UserError(
             f"cannot load '{ref}': not in the local Hugging Face cache and the Hub is unreachable; "
@@ -68,9 +114,11 @@ def _load_hub(ref: str) -> AutoencoderKL:
     errors = []
     for subfolder in (None, "vae"):
         try:
-            return AutoencoderKL.from_pretrained(ref, subfolder=subfolder).eval()
+            vae, info = AutoencoderKL.from_pretrained(ref, subfolder=subfolder, output_loading_info=True)
         except Exception as err:  # hub errors come in many types; all mean "not loadable"
             errors.append(first_line(err))
+            continue
+        return _exact(vae, info, ref).eval()
     raise UserError(f"cannot load '{ref}' from the Hugging Face Hub ({errors[-1]}); "
                     f"pass a local folder instead, e.g. --model /path/to/{name}")
 

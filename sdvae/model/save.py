@@ -16,11 +16,8 @@ if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays 
     from diffusers import AutoencoderKL
 
 
-if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
-    from diffusers import AutoencoderKL
-
-
 def check_ldm_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The checks :func:`write_ldm` makes before writing (run them before any slow load)."""
     out = Path(path)
     if out.suffix.lower() != ".safetensors":
         raise UserError(f"{out}: LDM output must be a .safetensors file")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdvae.errors import UserError, first_line
+from sdvae.model.file_checks import check_safetensors
 from sdvae.model.ldm_keys import diffusers_to_ldm, infer_config_from_ldm, ldm_to_diffusers, name_keys
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
@@ -40,6 +41,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """VAE tensors (prefix removed) and the metadata of a .safetensors file; only VAE tensors are read."""
     from safetensors import safe_open
 
+    check_safetensors(path)  # structure first: one clear line instead of a parser's message
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             # A full SD checkpoint is gigabytes: read only the VAE's tensors.
@@ -60,11 +62,12 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        # torch's restricted unpickler refuses classes/functions ("Unsupported global: GLOBAL x.y")
+        # torch's restricted unpickler refuses classes/functions ("Unsupported global: GLOBAL x.y", or
+        # "unsupported GLOBAL x.y whose module ..." in newer versions)
         # and opcodes it does not allow ("Unsupported operand N"); loading such a file would need
         # weights_only=False, i.e. running code from the file. Anything else (truncated zip, not a
         # pickle at all, I/O errors) is plain corruption.
-        found = re.search(r"Unsupported global: GLOBAL ([^\s]+)|Unsupported operand \d+", str(err))
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([^\s]+)|unsupported operand \d+", str(err), re.IGNORECASE)
         if found:
             what = found.group(1) or found.group(0)
             raise UserError(f"{path}: refused: loading it needs unsafe unpickling ({what}); only tensor checkpoints "

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdvae.errors import WriteError
+
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -110,6 +112,23 @@ def save_checkpoint(
     """
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        _write_checkpoint(final, tmp, step, modules, optimizers, schedulers, extra_tensors, meta, rank, is_main,
+                          barrier, keep)
+    except OSError as err:  # disk full, read-only...: no partial step-N.tmp; older checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WriteError):
+            raise
+        raise WriteError(final, err) from err
+    barrier()
+    return final
+
+
+def _write_checkpoint(final: Path, tmp: Path, step: int, modules: Mapping[str, torch.nn.Module],
+                      optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any],
+                      extra_tensors: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[str, Any],
+                      rank: int, is_main: bool, barrier: Callable[[], None], keep: int) -> None:
+    """:func:`save_checkpoint`'s writes: every rank's RNG state, then (main) the rest, then the rename."""
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -133,13 +152,21 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         # state.json last: its presence marks a complete folder even before the rename.
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.is_dir():  # the same step again: the old folder goes back if the new one cannot take its place
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         if keep > 0:
             for old in sorted(p for p in final.parent.glob("step-*") if _NAME.match(p.name))[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
 
 
 def load_checkpoint(
