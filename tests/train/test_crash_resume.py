@@ -31,7 +31,7 @@ COMMON = (f"--train.steps={STEPS}", "--train.batch_size=2", "--train.grad_accum=
           "--train.keep_checkpoints=0", "--log.with=none", "--log.every=4", "--optim.schedule=cosine",
           "--optim.warmup_steps=2", "--loss.learned_logvar=true")
 # Upper bounds of N per moment for one kill (a kill should land before the run ends).
-MOMENTS = {"accum": 8, "step": 5, "ckpt": 10, "val": 2}
+MOMENTS = {"accum": 3, "step": 2, "ckpt": 6, "val": 1}
 
 
 @pytest.fixture(scope="module")
