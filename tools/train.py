@@ -209,6 +209,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
                       f"({run_meta['bad_streak']} in a row, {run_meta['skipped_steps']} in all)")
             if 0 < cfg.train.max_bad_steps <= run_meta["bad_streak"]:
                 last = latest_checkpoint(out)
+                bar.close()  # the error on a line of its own
                 raise UserError(f"{run_meta['bad_streak']} consecutive non-finite steps (train.max_bad_steps="
                                 f"{cfg.train.max_bad_steps}) at step {done}; stopped, last checkpoint: {last}")
         else:

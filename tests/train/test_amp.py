@@ -45,7 +45,9 @@ def _one_iteration(scaler: torch.amp.GradScaler | None, grad_clip: float):
     if scaler is not None:
         original = scaler.update
         scaler.update = lambda *a, **k: (updates.append(1), original(*a, **k))[1]
-    norm = optimizer_steps(accelerator.scaler, opt, list(vae.parameters()), grad_clip, disc_opt)
+    result = optimizer_steps(accelerator.scaler, opt, list(vae.parameters()), grad_clip, disc_opt)
+    assert not result.skipped
+    norm = result.grad_norm
     d_vae = torch.cat([(p.detach() - b).flatten() for p, b in zip(vae.parameters(), before_vae, strict=True)])
     d_disc = torch.cat([(p.detach() - b).flatten()
                         for p, b in zip(loss_fn.discriminator.parameters(), before_disc, strict=True)])
