@@ -19,6 +19,7 @@ like ``kill -9 -PGID`` or a power cut; start the process with ``start_new_sessio
 * ``val``: inside validation, after the metrics are computed and before the sample grid is written;
 * ``export``: right after ``final/`` is written (before ``metrics.json``);
 * ``shard``: encode-dataset, right before a shard's rows file is written (its JSON side files are out);
+* ``json``: encode-dataset, right before a shard's skip report or preview-fit sums are written;
 * ``batch``: encode-dataset, after an encoded batch (``ENCODE_BATCH_DELAY_S``'s hook point).
 
 ``SDVAE_TEST_NAN=P1,P2,...`` makes the posterior noise NaN for the micro-batches at those 0-based
@@ -119,6 +120,7 @@ def install_encode_hooks() -> None:
     import sdvae.latents.export
 
     _wrap(sdvae.latents.export, "write_shard", before="shard")
+    _wrap(sdvae.latents.export, "write_json", before="json")
     _wrap(sdvae.latents.export, "_encode_batch", after="batch")
 
 
