@@ -21,7 +21,7 @@ MOMENTS = {"batch": 2, "json": 2, "shard": 2}
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("encode_crash_images")
-    for i in range(22):
+    for i in range(29):
         save_photo(root / f"im{i:02d}.png", 36 + 3 * (i % 5), 34 + 2 * (i % 4), seed=i)
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # a skip report in one shard
     return root
@@ -59,6 +59,7 @@ def crash_and_compare(launcher: Launcher, images: Path, reference: Path, out: Pa
         assert rc in (0, -9), (out.parent / "out.log").read_text()[-3000:]
         if rc == -9:
             landed.append(kill)
+    print("landed:", landed)
     assert _encode(launcher, images, out) == 0, (out.parent / "out.log").read_text()[-3000:]
     assert dataset_rows(out) == dataset_rows(reference)
     assert read_dataset_meta(out) == read_dataset_meta(reference)
