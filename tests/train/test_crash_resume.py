@@ -111,6 +111,7 @@ def crash_and_compare(launcher: Launcher, images: Path, reference: Path, out: Pa
             continue
         assert rc == -9, (out.parent / f"{out.name}.log").read_text()[-3000:]
         landed.append(kill)
+    print("landed:", landed)
     if not (out / "metrics.json").is_file() or landed[-1:] == ["export:1"]:
         assert _train(launcher, images, out) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
     assert_same_run(reference, out)
