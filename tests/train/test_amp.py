@@ -69,3 +69,20 @@ def test_fp16_scaler_gives_the_fp32_updates_of_both_optimizers_and_one_update_pe
     assert updates == 1
     assert scaler.get_scale() == 2.0**16  # finite gradients: the scale was kept
 
+
+
+def test_scaler_state_round_trips_through_checkpoint_json():
+    """tools/train.py keeps the fp16 scaler's state in state.json (meta.scaler): JSON-able and exact."""
+    import json
+
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    for loss in (layer.weight.sum() * float("inf"), layer.weight.sum(), layer.weight.sum()):
+        scaler.scale(loss).backward()
+        optimizer_steps(scaler, opt, layer.parameters(), 0.0)
+        opt.zero_grad()
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(json.loads(json.dumps(scaler.state_dict())))
+    assert restored.get_scale() == scaler.get_scale() == 2.0**9
+    assert restored._get_growth_tracker() == scaler._get_growth_tracker() == 2
