@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
+import numpy as np
 import torch
 
 
@@ -16,3 +18,11 @@ def mix_seed(*parts: int | str) -> int:
 def seeded_generator(*parts: int | str) -> torch.Generator:
     """A private ``torch.Generator`` seeded by :func:`mix_seed` of ``parts`` (never the global RNG)."""
     return torch.Generator().manual_seed(mix_seed(*parts))
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global RNGs (a run's checkpoints then hold the same RNG states
+    whether or not it was interrupted; unseeded, Python's and numpy's start from OS entropy)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -34,14 +34,15 @@ from sdvae.errors import UserError
 from sdvae.model.info import downsample_factor
 from sdvae.model.load import load_vae
 from sdvae.model.save import save_diffusers
-from sdvae.train.checkpoint import load_checkpoint, save_checkpoint
+from sdvae.seeding import seed_global_rngs
+from sdvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sdvae.train.config import RunConfig, config_help, config_to_dict, dump_config, load_config
 from sdvae.train.ema import EMA
 from sdvae.train.launch import log_image, make_accelerator, resolve_config, start_trackers
 from sdvae.train.loaders import build_dataloaders, latent_stats_loader
 from sdvae.train.losses import VAELoss
 from sdvae.train.modules import decoder_last_layer
-from sdvae.train.optim import build_optimizer, effective_lr, optimizer_steps
+from sdvae.train.optim import build_optimizer, effective_lr, optimizer_steps, restore_buffers, snapshot_buffers
 from sdvae.train.runfolder import move_checkpoints_aside, resume_point
 from sdvae.train.vae_forward import VAEForward, compile_forward, posterior_noise, prepare_vae
 from sdvae.train.validation import (
@@ -70,7 +71,9 @@ def main(cfg: RunConfig) -> dict[str, float]:
     accelerator.wait_for_everyone()
     if main_proc and move_aside:
         accelerator.print(f"train.resume=never: previous checkpoints moved to {move_checkpoints_aside(out)}")
-    torch.manual_seed(cfg.train.seed)  # same initial weights (discriminator, learned logvar) on every rank
+    # Same initial weights (discriminator, learned logvar) on every rank; Python's and numpy's streams seeded
+    # too, so an interrupted run's checkpoints hold the RNG states of an uninterrupted one.
+    seed_global_rngs(cfg.train.seed)
 
     # --- model, losses, optimizers -------------------------------------------------------------
     vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups)
@@ -102,12 +105,16 @@ def main(cfg: RunConfig) -> dict[str, float]:
     modules = {"vae": vae, "loss": loss_fn.state_module()}
     optimizers = {"vae": opt} | ({"disc": disc_opt} if use_disc else {})
     schedulers = {"vae": sched} | ({"disc": disc_sched} if use_disc else {})
+    # skipped: unreadable images; skipped_steps / bad_streak: non-finite steps in all / in a row so far.
     start_step, run_meta = 0, {"skipped": 0, "seconds": 0.0}
     if resume_from is not None:
         start_step, extra, run_meta = load_checkpoint(resume_from, modules=modules, optimizers=optimizers,
                                                       schedulers=schedulers, rank=accelerator.process_index)
         if ema is not None:
             ema.load_state_dict(extra["ema"])
+        if accelerator.scaler is not None and run_meta.get("scaler"):  # fp16: the loss scale and its growth count
+            accelerator.scaler.load_state_dict(run_meta["scaler"])
+    run_meta = {"skipped_steps": 0, "bad_streak": 0} | run_meta
     accelerator.wait_for_everyone()
 
     # --- data ------------------------------------------------------------------------------------
@@ -135,6 +142,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
 
     def checkpoint(step: int) -> None:
         extra = {"ema": ema.state_dict()} if ema is not None else {}
+        if accelerator.scaler is not None:
+            run_meta["scaler"] = accelerator.scaler.state_dict()
         save_checkpoint(out, step, modules=modules, optimizers=optimizers, schedulers=schedulers,
                         extra_tensors=extra, meta=run_meta, rank=accelerator.process_index, is_main=main_proc,
                         barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
@@ -146,8 +155,16 @@ def main(cfg: RunConfig) -> dict[str, float]:
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
     metrics: dict[str, float] = {}
     tick, images_seen = time.perf_counter(), 0
+
+    def all_ranks(ok: bool) -> bool:
+        """True when every process's flag is (a step is skipped everywhere or nowhere)."""
+        if procs == 1:
+            return ok
+        return float(accelerator.reduce(torch.tensor([float(not ok)], device=device), "sum")) == 0
+
     for step in range(start_step, cfg.train.steps):
         logs: dict[str, float] = {}
+        disc_buffers = snapshot_buffers(loss_fn.discriminator) if use_disc else []  # BatchNorm statistics
         for micro in range(ga):
             batch = next(batches)
             run_meta["skipped"] += int(batch["skipped"])
@@ -172,21 +189,34 @@ def main(cfg: RunConfig) -> dict[str, float]:
         loss_fn.all_reduce_trainable_grads()  # the learned logvar lives outside every DDP module
         disc_steps = use_disc and loss_fn.disc_active(step)  # before disc_start Adam would count empty steps
         # One unscale_/step per optimizer, one scaler update per iteration; only the VAE's grads are clipped.
-        grad_norm = optimizer_steps(accelerator.scaler, opt, trainable, cfg.optim.grad_clip,
-                                    disc_opt if disc_steps else None)
-        sched.step()
+        # A non-finite loss or gradient on any process skips both optimizers' steps on every process.
+        result = optimizer_steps(accelerator.scaler, opt, trainable, cfg.optim.grad_clip,
+                                 disc_opt if disc_steps else None,
+                                 loss_finite=all(math.isfinite(v) for v in logs.values()), agree=all_ranks)
+        sched.step()  # the schedule follows the step count, taken or skipped
         opt.zero_grad(set_to_none=True)
         if use_disc:  # every step once started, alongside the VAE (not alternating)
             if disc_steps:
                 disc_sched.step()
             disc_opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(vae)
         done = step + 1
-        if not all(math.isfinite(v) for v in logs.values()):
-            raise RuntimeError(f"non-finite loss at step {done}: {logs}")
-        if grad_norm is not None:  # may be inf on an fp16 step the scaler skipped
-            logs["grad_norm"] = grad_norm
+        if result.skipped:
+            if use_disc:
+                restore_buffers(loss_fn.discriminator, disc_buffers)
+            run_meta["skipped_steps"] += 1
+            run_meta["bad_streak"] += 1
+            bar.write(f"step {done}: non-finite loss or gradient, optimizer step skipped "
+                      f"({run_meta['bad_streak']} in a row, {run_meta['skipped_steps']} in all)")
+            if 0 < cfg.train.max_bad_steps <= run_meta["bad_streak"]:
+                last = latest_checkpoint(out)
+                bar.close()  # the error on a line of its own
+                raise UserError(f"{run_meta['bad_streak']} consecutive non-finite steps (train.max_bad_steps="
+                                f"{cfg.train.max_bad_steps}) at step {done}; stopped, last checkpoint: {last}")
+        else:
+            run_meta["bad_streak"] = 0
+            if ema is not None:
+                ema.update(vae)
+        logs["grad_norm"] = result.grad_norm
 
         if main_proc and (done % cfg.log.every == 0 or done == cfg.train.steps):
             elapsed = time.perf_counter() - tick
@@ -196,7 +226,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
             bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4f}", img_s=f"{rate:.1f}")
             scale = {"train/loss_scale": accelerator.scaler.get_scale()} if accelerator.scaler is not None else {}
             accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": sched.get_last_lr()[0],
-                             "train/images_per_s": rate, **scale}, step=done)
+                             "train/images_per_s": rate, "train/skipped_steps": run_meta["skipped_steps"],
+                             **scale}, step=done)
         bar.update(1)
         if main_proc and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
             metrics = validate(done)
@@ -219,6 +250,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
         eval_vae.to(memory_format=torch.contiguous_format)
         save_diffusers(eval_vae, out / "final", overwrite=True)
         summary = {**metrics, "steps": cfg.train.steps, "skipped_images": run_meta["skipped"],
+                   "skipped_steps": run_meta["skipped_steps"],
                    "train_seconds": round(run_meta["seconds"], 1), "weights": "ema" if ema is not None else "raw"}
         if cfg.model.train_encoder:  # the final encoder's latents: measured scaling_factor (latent-stats' math)
             stats = measure_latent_stats(eval_vae, latent_stats_loader(cfg.data, cfg.train.batch_size,

@@ -152,6 +152,9 @@ class TrainConfig:
     allow_tf32: bool = False  # CUDA: TF32 matmuls/convolutions in fp32 (faster on Ampere+, ~1e-3 relative)
     compile: bool = False  # torch.compile the forward module (after DDP wrapping)
     channels_last: bool = False  # channels-last memory format for weights and images (faster convs on GPU)
+    # stop (one error line, exit 2) after this many consecutive optimizer steps skipped for a non-finite
+    # loss or gradient; the last checkpoint (written before the streak's end) is kept. 0: never stop
+    max_bad_steps: int = 20
 
 
 @dataclass

@@ -23,7 +23,7 @@ from sdvae.train.checkpoint import latest_checkpoint
 # Keys that never change what is computed (only where/how often it is logged, saved or looked at).
 FREE_KEYS = frozenset({
     "train.out", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.val_every",
-    "data.num_workers", "log.every", "log.with", "log.project",
+    "train.max_bad_steps", "data.num_workers", "log.every", "log.with", "log.project",
 })
 
 

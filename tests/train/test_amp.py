@@ -45,7 +45,9 @@ def _one_iteration(scaler: torch.amp.GradScaler | None, grad_clip: float):
     if scaler is not None:
         original = scaler.update
         scaler.update = lambda *a, **k: (updates.append(1), original(*a, **k))[1]
-    norm = optimizer_steps(accelerator.scaler, opt, list(vae.parameters()), grad_clip, disc_opt)
+    result = optimizer_steps(accelerator.scaler, opt, list(vae.parameters()), grad_clip, disc_opt)
+    assert not result.skipped
+    norm = result.grad_norm
     d_vae = torch.cat([(p.detach() - b).flatten() for p, b in zip(vae.parameters(), before_vae, strict=True)])
     d_disc = torch.cat([(p.detach() - b).flatten()
                         for p, b in zip(loss_fn.discriminator.parameters(), before_disc, strict=True)])
@@ -67,3 +69,20 @@ def test_fp16_scaler_gives_the_fp32_updates_of_both_optimizers_and_one_update_pe
     assert updates == 1
     assert scaler.get_scale() == 2.0**16  # finite gradients: the scale was kept
 
+
+
+def test_scaler_state_round_trips_through_checkpoint_json():
+    """tools/train.py keeps the fp16 scaler's state in state.json (meta.scaler): JSON-able and exact."""
+    import json
+
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    for loss in (layer.weight.sum() * float("inf"), layer.weight.sum(), layer.weight.sum()):
+        scaler.scale(loss).backward()
+        optimizer_steps(scaler, opt, layer.parameters(), 0.0)
+        opt.zero_grad()
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(json.loads(json.dumps(scaler.state_dict())))
+    assert restored.get_scale() == scaler.get_scale() == 2.0**9
+    assert restored._get_growth_tracker() == scaler._get_growth_tracker() == 2
