@@ -9,8 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
-from crash_hook import Launcher
 
+from crash_hook import Launcher
 from helpers import REPO, dataset_rows, save_photo
 from sdvae.latents.format import read_dataset_meta
 

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hostile_weights import PROBLEMS, write_corpus
 
 from helpers import REPO, load_tool, save_photo
+from hostile_weights import PROBLEMS, write_corpus
 from sdvae.errors import UserError
 
 ENTRY_POINTS = ("load_vae", "info", "convert-diffusers", "convert-ldm", "roundtrip", "train")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash_hook import Launcher
 from PIL import Image
 from safetensors.torch import load_file
 
+from crash_hook import Launcher
 from helpers import REPO, make_photo
 
 TRAIN = REPO / "tools" / "train.py"

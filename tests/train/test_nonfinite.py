@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash_hook import Launcher
 from PIL import Image
 from safetensors.torch import load_file
 
+from crash_hook import Launcher
 from helpers import REPO, make_photo
 from sdvae.train.optim import optimizer_steps
 
