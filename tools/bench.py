@@ -1,7 +1,7 @@
 """Benchmarks for sdvae. One subcommand per benchmark; each prints its figures as plain text.
 
     python tools/bench.py tiling [--size 1024] [--big 2048] [--roundtrip 2048,4096]
-    python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.1]
+    python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.5 --precisions no,bf16]
     python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
     python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
 
@@ -193,8 +193,11 @@ def _our_train_step(vae, args, total_steps: int):
     from sdvae.train.vae_forward import VAEForward
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format  # train.channels_last
+    vae.to(memory_format=fmt)
     loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,
-                                 kl_weight=args.kl_weight), random_lpips_backbone=True).to(accelerator.device)
+                                 kl_weight=args.kl_weight), random_lpips_backbone=True)
+    loss_fn.to(accelerator.device, memory_format=fmt)
     optim_cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.99), grad_clip=1.0)
     opt, sched = build_optimizer(vae.parameters(), args.lr, optim_cfg, total_steps)
     model, opt = accelerator.prepare(VAEForward(vae), opt)
@@ -202,6 +205,7 @@ def _our_train_step(vae, args, total_steps: int):
     params = [p for p in vae.parameters() if p.requires_grad]
 
     def step(i: int, images, eps) -> float:
+        images = images.contiguous(memory_format=fmt)
         with accelerator.autocast():
             recon, mean, logvar = model(images, eps)
             loss, logs = loss_fn.generator_loss(images, recon, mean, logvar, i)
@@ -247,6 +251,57 @@ def _reference_train_step(vae, args, total_steps: int):
     return step, device
 
 
+def _example_train_step(vae, args, total_steps: int):
+    """The generator step of diffusers' ``examples/research_projects/autoencoderkl/train_autoencoderkl.py``,
+    shaped as users run it: ``vae.encode``/``vae.decode`` called directly, per-image summed
+    reconstruction loss plus LPIPS computed *without* gradient (as the example does), summed KL, a
+    PatchGAN forward on the reconstruction and the adaptive weight from two ``autograd.grad`` calls
+    on the decoder's last layer every step, one backward, clipping, AdamW. Same precision (accelerate
+    autocast) as the step it is compared with; the example's alternate discriminator iterations are
+    not timed (they add a full VAE forward each, so this row flatters the example)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from sdvae.metrics.lpips import build_lpips
+    from sdvae.train.discriminator import NLayerDiscriminator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
+    lpips_model = build_lpips(args.lpips_net, random_backbone=True).eval().requires_grad_(False) \
+        if args.lpips > 0 else None
+    disc = NLayerDiscriminator(3, 64, 3, "batch")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    vae, disc, opt = accelerator.prepare(vae, disc, opt)
+    if lpips_model is not None:
+        lpips_model.to(accelerator.device)
+    last_layer = accelerator.unwrap_model(vae).decoder.conv_out.weight
+
+    def step(i: int, images, eps) -> float:
+        with accelerator.autocast():
+            posterior = accelerator.unwrap_model(vae).encode(images).latent_dist
+            z = posterior.mean + posterior.std * eps
+            recon = accelerator.unwrap_model(vae).decode(z).sample
+            rec = (F.mse_loss if args.recon == "mse" else F.l1_loss)(recon.float(), images.float(), reduction="none")
+            if lpips_model is not None:
+                with torch.no_grad():
+                    p_loss = lpips_model(recon, images)
+                rec = rec + args.lpips * p_loss
+            nll = rec.sum() / rec.shape[0]
+            kl = posterior.kl().sum() / images.shape[0]
+            g_loss = -disc(recon).mean()
+            nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+            g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+            weight = (torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)).clamp(0.0, 1e4).detach()
+            loss = nll + args.kl_weight * kl + 0.5 * weight * g_loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss) / images[0].numel()  # per element, comparable with the other rows
+
+    return step, accelerator.device
+
+
 def cmd_train_child(args: argparse.Namespace) -> None:
     """Time one kind of training step in this (fresh) process; prints JSON for the parent."""
     import torch
@@ -259,7 +314,7 @@ def cmd_train_child(args: argparse.Namespace) -> None:
     vae = build_preset(args.preset).train()
     factor = downsample_factor(vae)
     total = args.warmup + args.steps
-    make = _our_train_step if args.mode == "ours" else _reference_train_step
+    make = {"ours": _our_train_step, "reference": _reference_train_step, "example": _example_train_step}[args.mode]
     step, device = make(vae, args, total)
     batches = _synthetic_batches(total, args.batch, args.resolution)
     latent = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
@@ -281,19 +336,29 @@ def cmd_train_child(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Our training step vs a plain diffusers-style reference step: images/s, peak memory, ratio."""
+    """Our training step vs the steps users would run instead: images/s, peak memory, ratios.
+
+    Rows: a plain fp32 step with our loss terms (``reference``), and per precision the step of
+    diffusers' published ``train_autoencoderkl.py`` (``example``: LPIPS without gradient, PatchGAN
+    forward and two ``autograd.grad`` calls every step) and ours (LPIPS *with* gradient, EMA, schedule).
+    """
     shared = ["--preset", args.preset, "--batch", str(args.batch), "--resolution", str(args.resolution),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--recon", args.recon,
               "--lpips", str(args.lpips), "--lpips-net", args.lpips_net, "--kl-weight", str(args.kl_weight),
               "--lr", str(args.lr)]
     runs = {"reference (fp32)": ["--mode", "reference"]}
     for precision in args.precisions.split(","):
+        runs[f"example ({precision})"] = ["--mode", "example", "--precision", precision]
         runs[f"ours ({precision})"] = ["--mode", "ours", "--precision", precision]
+        if args.channels_last:
+            runs[f"ours ({precision}, CL)"] = ["--mode", "ours", "--precision", precision, "--channels-last"]
     losses = f"{args.recon}" + (f" + {args.lpips}·LPIPS-{args.lpips_net} (random backbone)" if args.lpips else "") \
         + f" + {args.kl_weight:g}·KL"
     print(f"preset {args.preset}, batch {args.batch}, {args.resolution}², loss {losses}, AdamW lr {args.lr:g}, "
           f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches; "
-          f"peak memory = {'max allocated' if _cuda() else 'peak RSS'} of a fresh process each")
+          f"peak memory = {'max allocated' if _cuda() else 'peak RSS'} of a fresh process each; "
+          f"example = diffusers' train_autoencoderkl.py generator step (LPIPS without gradient, "
+          f"PatchGAN + 2 autograd.grad)")
     results = {}
     for name, extra in runs.items():
         cmd = [sys.executable, str(Path(__file__).resolve()), "_train-child", *shared, *extra]
@@ -301,12 +366,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         if proc.returncode != 0:
             raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
         results[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {name:>18}: {r['images_per_s']:7.1f} images/s, peak {r['peak_memory'] / 1024**3:5.2f} GiB, "
+        print(f"  {name:>18}: {r['images_per_s']:7.2f} images/s, peak {r['peak_memory'] / 1024**3:5.2f} GiB, "
               f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (mean of last 5) on {r['device']}", flush=True)
-    ref = results.pop("reference (fp32)")
-    for name, r in results.items():
-        print(f"  {name} / reference: {r['images_per_s'] / ref['images_per_s']:.2f}x images/s, "
-              f"{r['peak_memory'] / ref['peak_memory']:.2f}x peak memory")
+    ref = results["reference (fp32)"]
+    for precision in args.precisions.split(","):
+        example = results[f"example ({precision})"]
+        for name in [f"ours ({precision})"] + ([f"ours ({precision}, CL)"] if args.channels_last else []):
+            ours = results[name]
+            for base_name, base in ((f"example ({precision})", example), ("reference (fp32)", ref)):
+                print(f"  {name} / {base_name}: {ours['images_per_s'] / base['images_per_s']:.2f}x images/s, "
+                      f"{ours['peak_memory'] / base['peak_memory']:.2f}x peak memory")
 
 
 def _write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
@@ -507,6 +576,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _default_train_precisions() -> str:
+    from sdvae.model.dtypes import cpu_has_native_bf16
+
+    return "bf16,fp16" if _cuda() else "bf16" if cpu_has_native_bf16() else "no"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -531,11 +606,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
         p.add_argument("--kl-weight", type=float, default=1e-6)
         p.add_argument("--lr", type=float, default=4e-4)
+        p.add_argument("--channels-last", action="store_true",
+                       help="our step with channels-last weights and images (train.channels_last)")
 
-    p = sub.add_parser("train", help="our training step vs a diffusers-style reference step: images/s, memory")
+    p = sub.add_parser("train", help="our training step vs diffusers' example step and a plain fp32 step")
     train_args(p)
-    p.add_argument("--precisions", default="bf16" if not _cuda() else "bf16,fp16",
-                   help="comma-separated mixed precisions of our step to measure (no, bf16, fp16)")
+    p.add_argument("--precisions", default=_default_train_precisions(),
+                   help="comma-separated mixed precisions of the example's and our step (no, bf16, fp16); "
+                   "default: bf16,fp16 on CUDA, bf16 on CPUs with native bf16, else no")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("encode", help="encode-dataset images/s vs a bare vae.encode loop; 1 vs N processes")
@@ -573,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("_train-child", help=argparse.SUPPRESS)
     train_args(p)
-    p.add_argument("--mode", choices=("ours", "reference"), required=True)
+    p.add_argument("--mode", choices=("ours", "reference", "example"), required=True)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_train_child)
