@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             raise UserError(f"{run}: no complete checkpoint found")
         cfg = load_config(run / "config.yaml")
-        vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups)
+        vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups,
+                       layers_per_block=cfg.model.layers_per_block)
         vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
         if not args.raw and (ckpt / "ema.safetensors").is_file():
             ema = EMA(vae, cfg.train.ema_decay)

@@ -76,7 +76,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
     seed_global_rngs(cfg.train.seed)
 
     # --- model, losses, optimizers -------------------------------------------------------------
-    vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups)
+    vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups,
+                   layers_per_block=cfg.model.layers_per_block)
     checkpointed = prepare_vae(vae, cfg.model, channels_last=cfg.train.channels_last)  # trainable parts etc.
     accelerator.print(f"gradient checkpointing: {checkpointed} blocks" if checkpointed else
                       "gradient checkpointing: off")

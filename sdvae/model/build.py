@@ -1,4 +1,4 @@
-"""Building AutoencoderKL instances: presets with seeded weights, given weights, regrouped norms."""
+"""Building AutoencoderKL instances: presets with seeded weights, given weights, regrouped norms, added depth."""
 
 from __future__ import annotations
 
@@ -63,3 +63,41 @@ def regroup_norms(vae: AutoencoderKL, groups: int) -> AutoencoderKL:
         raise UserError(f"norm_num_groups={groups} must be positive and divide every block width {widths}")
     weights = {k: v.clone() for k, v in vae.state_dict().items()}  # clones: training `out` leaves `vae` as it is
     return with_weights({**config_dict(vae), "norm_num_groups": groups}, weights).train(vae.training)
+
+
+def deepen(vae: AutoencoderKL, layers_per_block: int, seed: int = 0) -> AutoencoderKL:
+    """The same function with more ResNet layers per block (a new model; ``vae`` is untouched).
+
+    Every encoder and decoder block gets ResNet layers appended after its own until it has the new
+    ``layers_per_block`` (diffusers' decoder blocks hold one more than that). Each new layer starts as
+    the identity: its second convolution is zero, so ``x + conv2(...) = x`` exactly, and training adds
+    capacity to a trained model instead of starting a larger one from scratch. Zero ``conv2`` still
+    receives gradient on the first step; ``conv1`` and the norms take a seeded default init.
+
+    Args:
+        vae: any AutoencoderKL with ResNet blocks that keep their width after the first layer.
+        layers_per_block: the new ``layers_per_block``; at least ``vae``'s (equal: the same weights).
+        seed: seed for the new layers' non-zero parameters.
+
+    Raises:
+        UserError: ``layers_per_block`` is less than ``vae``'s (layers are never removed).
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    old = vae.config.layers_per_block
+    if layers_per_block < old:
+        raise UserError(f"layers_per_block={layers_per_block} is less than the model's {old}: layers are "
+                        "only added, never removed")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = AutoencoderKL(**{**config_dict(vae), "layers_per_block": layers_per_block})
+    # strict=False for the new layers only: every old layer keeps its name, so nothing is unexpected
+    missing = out.load_state_dict(vae.state_dict(), strict=False).missing_keys
+    layers = {key.rsplit(".", 2)[0] for key in missing}  # "decoder.up_blocks.0.resnets.2.conv1.weight" → layer
+    modules = dict(out.named_modules())
+    with torch.no_grad():
+        for name in layers:
+            modules[name].conv2.weight.zero_()
+            modules[name].conv2.bias.zero_()
+    return out.train(vae.training)

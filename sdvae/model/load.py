@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdvae.errors import UserError, first_line
-from sdvae.model.build import build_preset, regroup_norms, with_weights
+from sdvae.model.build import build_preset, deepen, regroup_norms, with_weights
 from sdvae.model.file_checks import check_safetensors
 from sdvae.model.ldm_keys import name_keys
 from sdvae.model.presets import PRESETS
@@ -124,7 +124,7 @@ def _load_hub(ref: str) -> AutoencoderKL:
 
 
 def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,
-             norm_num_groups: int = 0) -> AutoencoderKL:
+             norm_num_groups: int = 0, layers_per_block: int = 0) -> AutoencoderKL:
     """Load an AutoencoderKL from any supported reference, in eval mode, fp32, on CPU.
 
     Args:
@@ -141,12 +141,15 @@ def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,
             carry none, 4-channel files get ``sd``'s and 16-channel files ``sd3``'s.
         norm_num_groups: if positive, regroup every GroupNorm after loading (:func:`regroup_norms`);
             0 keeps the reference's own.
+        layers_per_block: if positive, then add identity-initialised ResNet layers up to this many per
+            block (:func:`deepen`); 0 keeps the reference's own.
 
     Raises:
         UserError: the reference cannot be resolved or loaded; the message names it.
     """
     vae = _load(ref, preset_scaling)
-    return regroup_norms(vae, norm_num_groups) if norm_num_groups else vae
+    vae = regroup_norms(vae, norm_num_groups) if norm_num_groups else vae
+    return deepen(vae, layers_per_block).eval() if layers_per_block else vae
 
 
 def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> AutoencoderKL:

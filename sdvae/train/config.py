@@ -58,6 +58,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     # > 0: regroup every GroupNorm of `init` to this many groups before training (sdvae.model.build.regroup_norms)
     norm_num_groups: int = 0
+    # > 0: add ResNet layers to every block of `init` up to this many, each starting as the identity
+    # (sdvae.model.build.deepen): more capacity for a trained model without starting from scratch
+    layers_per_block: int = 0
 
 
 @dataclass

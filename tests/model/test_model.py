@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdvae.errors import UserError
-from sdvae.model.build import build_preset, regroup_norms
+from sdvae.model.build import build_preset, deepen, regroup_norms
 from sdvae.model.info import config_hash, describe, downsample_factor
 from sdvae.model.load import load_vae
 from sdvae.model.presets import PRESETS
@@ -70,6 +70,43 @@ def test_regroup_norms_keeps_weights_and_changes_only_the_grouping(test_vae: Aut
     assert all(torch.equal(test_vae.state_dict()[k], v) for k, v in before.items())  # no shared storage
     with pytest.raises(UserError, match=r"norm_num_groups=3 must be positive and divide every block width"):
         regroup_norms(test_vae, 3)
+
+
+def test_deepen_adds_identity_layers_that_train(test_vae: AutoencoderKL, tmp_path: Path) -> None:
+    """More ResNet layers per block, the same function bit for bit, new layers that learn; source untouched."""
+    before = {k: v.clone() for k, v in test_vae.state_dict().items()}
+    out = deepen(test_vae, 3)
+    assert out.config.layers_per_block == 3 and test_vae.config.layers_per_block == 1
+    assert [len(b.resnets) for b in out.encoder.down_blocks] == [3] * 4
+    assert [len(b.resnets) for b in out.decoder.up_blocks] == [4] * 4  # diffusers' decoder: one more
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in before.items())
+    assert sum(p.numel() for p in out.parameters()) > sum(p.numel() for p in test_vae.parameters())
+    ours, theirs = _outputs(out.eval()), _outputs(test_vae)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))  # exactly, not closely
+    # The new layers are not dead: one step on a reconstruction loss moves their zero convolutions
+    # and changes the output, while the source model keeps its weights.
+    new = [m for name, m in out.named_modules() if name.endswith(("resnets.2", "resnets.3"))]
+    assert new and all(not m.conv2.weight.any() for m in new)
+    opt = torch.optim.SGD(out.parameters(), lr=0.1)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out.train()
+    torch.nn.functional.mse_loss(out(x).sample, x).backward()
+    opt.step()
+    assert all(m.conv2.weight.any() for m in new)
+    assert not torch.equal(_outputs(out.eval())[1], theirs[1])
+    assert all(torch.equal(test_vae.state_dict()[k], v) for k, v in before.items())
+    # Through load_vae (as training's model.layers_per_block), and diffusers loads what we save.
+    save_diffusers(test_vae, tmp_path / "src")
+    grown = load_vae(tmp_path / "src", layers_per_block=2)
+    assert grown.config.layers_per_block == 2 and not grown.training
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(grown), theirs, strict=True))
+    save_diffusers(grown, tmp_path / "grown")
+    reloaded = AutoencoderKL.from_pretrained(tmp_path / "grown").eval()
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(reloaded), theirs, strict=True))
+    # Equal depth keeps the model; fewer layers is refused in one line.
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(deepen(test_vae, 1).eval()), theirs, strict=True))
+    with pytest.raises(UserError, match=r"layers_per_block=1 is less than the model's 2"):
+        deepen(grown, 1)
 
 
 def test_sd_family_scaling_constants() -> None:
