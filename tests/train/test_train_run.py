@@ -133,14 +133,15 @@ def test_two_processes_match_one_process(images: Path, tmp_path: Path, disc: boo
 
 def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path) -> None:
     """train_encoder=false leaves encoder + quant_conv bit-identical and trains the decoder (here with
-    gradient checkpointing, accumulation and regrouped norms on); validation writes its comparison
-    grid; tools/export_checkpoint.py rebuilds the regrouped architecture."""
+    gradient checkpointing, accumulation, regrouped norms and added depth on: the frozen encoder's new
+    layers stay the identity, the decoder's train); validation writes its comparison grid;
+    tools/export_checkpoint.py rebuilds the regrouped, deepened architecture."""
     from sdvae.model.build import build_preset
 
     out = tmp_path / "ft"
     proc = _run(_cmd(images, out, "--train.steps=4", "--train.checkpoint_every=4", "--train.val_every=2",
                      "--model.train_encoder=false", "--model.gradient_checkpointing=true", "--train.grad_accum=2",
-                     "--model.norm_num_groups=2", "--log.with=none"))
+                     "--model.norm_num_groups=2", "--model.layers_per_block=2", "--log.with=none"))
     assert re.search(r"gradient checkpointing: [1-9]\d* blocks", proc.stdout + proc.stderr)
     # Frozen encoder: the latents did not change, the init's scaling factor is kept.
     assert json.loads((out / "final" / "config.json").read_text())["scaling_factor"] == (
@@ -150,9 +151,14 @@ def test_decoder_only_fine_tune_with_checkpointing(images: Path, tmp_path: Path)
     frozen = [k for k in init if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(final[k], init[k]) for k in frozen)
     assert any(not torch.equal(final[k], init[k]) for k in init if k.startswith("decoder."))
+    added = [k for k in final if k not in init and ".conv2." in k]  # the new layers' zero-initialised convs
+    assert added and all(k.startswith(("encoder.", "decoder.")) for k in added)
+    assert all(not final[k].any() for k in added if k.startswith("encoder."))
+    assert any(final[k].any() for k in added if k.startswith("decoder."))
     assert json.loads((out / "final" / "config.json").read_text())["norm_num_groups"] == 2  # the preset has 4
     _run([str(REPO / "tools" / "export_checkpoint.py"), str(out), str(tmp_path / "exported")])
-    assert json.loads((tmp_path / "exported" / "config.json").read_text())["norm_num_groups"] == 2
+    exported_config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert (exported_config["norm_num_groups"], exported_config["layers_per_block"]) == (2, 2)
     exported = load_file(tmp_path / "exported" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], final[k]) for k in final)  # the step-4 checkpoint's EMA = final
     # log.with=none: no tracker, the sample grids are written all the same.
