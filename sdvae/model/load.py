@@ -149,7 +149,7 @@ def load_vae(ref: str | os.PathLike[str], *, preset_scaling: str | None = None,
     """
     vae = _load(ref, preset_scaling)
     vae = regroup_norms(vae, norm_num_groups) if norm_num_groups else vae
-    return deepen(vae, layers_per_block).eval() if layers_per_block else vae
+    return deepen(vae, layers_per_block) if layers_per_block else vae
 
 
 def _load(ref: str | os.PathLike[str], preset_scaling: str | None) -> AutoencoderKL:
