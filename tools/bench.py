@@ -197,7 +197,9 @@ def _our_train_step(vae, args, total_steps: int):
     vae.to(memory_format=fmt)
     loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,
                                  kl_weight=args.kl_weight), random_lpips_backbone=True)
-    loss_fn.to(accelerator.device, memory_format=fmt)
+    loss_fn.to(accelerator.device)  # (its LPIPS backbone is channels-last already: build_lpips)
+    if args.channels_last:
+        loss_fn.to(memory_format=fmt)
     optim_cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.99), grad_clip=1.0)
     opt, sched = build_optimizer(vae.parameters(), args.lr, optim_cfg, total_steps)
     model, opt = accelerator.prepare(VAEForward(vae), opt)
@@ -231,7 +233,10 @@ def _reference_train_step(vae, args, total_steps: int):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
-    lpips_model = build_lpips(args.lpips_net, random_backbone=True).to(device) if args.lpips > 0 else None
+    lpips_model = None
+    if args.lpips > 0:  # a plain `lpips.LPIPS(net=...)`: default memory format
+        lpips_model = build_lpips(args.lpips_net, random_backbone=True)
+        lpips_model.to(device, memory_format=torch.contiguous_format)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def step(i: int, images, eps) -> float:
@@ -272,8 +277,8 @@ def _example_train_step(vae, args, total_steps: int):
     disc = NLayerDiscriminator(3, 64, 3, "batch")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     vae, disc, opt = accelerator.prepare(vae, disc, opt)
-    if lpips_model is not None:
-        lpips_model.to(accelerator.device)
+    if lpips_model is not None:  # the example's plain `lpips.LPIPS(net="vgg")`: default memory format
+        lpips_model.to(accelerator.device, memory_format=torch.contiguous_format)
     last_layer = accelerator.unwrap_model(vae).decoder.conv_out.weight
 
     def step(i: int, images, eps) -> float:

@@ -85,9 +85,9 @@ def main(cfg: RunConfig) -> dict[str, float]:
     if cfg.data.resolution % factor:
         raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the downsampling factor {factor}")
     latent_shape = (vae.config.latent_channels, cfg.data.resolution // factor, cfg.data.resolution // factor)
-    # LPIPS and the discriminator take the same memory format as the VAE's reconstructions
-    loss_fn = VAELoss(cfg.loss).to(device, memory_format=torch.channels_last if cfg.train.channels_last
-                                  else torch.contiguous_format)
+    loss_fn = VAELoss(cfg.loss).to(device)  # (its LPIPS backbone is channels-last already)
+    if cfg.train.channels_last:  # the discriminator takes the memory format of the reconstructions
+        loss_fn.to(memory_format=torch.channels_last)
     use_disc = cfg.loss.disc_weight > 0
 
     opt, sched = build_optimizer([*vae.parameters(), *loss_fn.trainable_parameters()], lr, cfg.optim,

@@ -153,4 +153,8 @@ def build_lpips(
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, pnet_tune=False, verbose=False)
     if source is not None:
         _load_backbone(model, _read_state_dict(source), source, net)
+    # Channels-last backbone: its convolutions then run channels-last whatever the input's layout
+    # (VGG on an AVX512-BF16 CPU, batch 16 at 64², two branches + backward: bf16 0.51 → 0.42 s, fp32
+    # 0.90 → 0.67 s; 4 images at 256², two branches: bf16 1.49 → 1.11 s, fp32 2.49 → 1.91 s).
+    model.net.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
