@@ -52,7 +52,7 @@ PRESETS: dict[str, Preset] = {
          "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False},
     ),
     "tiny": Preset(
-        "small f8c4 VAE that trains on 2 CPU cores (the embedded checkpoint's architecture)",
+        "small f8c4 VAE that trains on 2 CPU cores (the embedded checkpoint's, with 1 of its 2 layers per block)",
         {**_SD_BLOCKS, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
          "sample_size": 256, "scaling_factor": 0.18215, "force_upcast": False,
          # No mid-block attention and 8 norm groups: why, measured, is in the model card

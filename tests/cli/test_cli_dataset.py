@@ -34,7 +34,8 @@ def test_kill_9_mid_run_then_rerun(images: Path, tmp_path: Path) -> None:
     """kill -9 while a shard is half done, rerun: exactly one row per readable input, finished shards kept."""
     out, ref = tmp_path / "out", tmp_path / "ref"
     cmd = ["encode-dataset", str(images), str(out), "--model", "test",
-           "--resolution", "32", "--shard-size", "2", "--batch-size", "1", "--num-workers", "1", "--no-progress"]
+           "--resolution", "32", "--shard-size", "2", "--batch-size", "1", "--num-workers", "1", "--no-progress",
+           "--dtype", "fp32"]  # compared with encode_small's fp32 rows (auto is bf16 on CPUs with native bf16)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *cmd], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -65,7 +66,7 @@ def test_kill_9_mid_run_then_rerun(images: Path, tmp_path: Path) -> None:
 def test_two_processes_match_one(images: Path, tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     common = [str(images), "--model", "test", "--resolution", "32", "--shard-size", "3", "--batch-size", "2",
-              "--num-workers", "0", "--json", "--no-progress"]
+              "--num-workers", "0", "--json", "--no-progress", "--dtype", "fp32"]  # as encode_small
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sdvae.cli"]
     proc = subprocess.run([*launcher, "encode-dataset", *common[:1], str(two), *common[1:]], env=env, cwd=REPO,
