@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import statistics
@@ -176,6 +177,8 @@ def baseline_step(args: argparse.Namespace, images: torch.Tensor, lpips_net) -> 
     torch.manual_seed(0)
     vae = build_preset(args.preset).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-5)
+    # the example's plain `lpips.LPIPS`: default memory format (build_lpips returns a channels-last backbone)
+    lpips_net = copy.deepcopy(lpips_net).to(memory_format=torch.contiguous_format)
     _reset_peak(device)
     timed_from = min(3, args.steps - 1)
     start = 0.0
