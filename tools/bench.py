@@ -180,6 +180,18 @@ def _peak_memory(device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
 
 
+def _plain_lpips(args, device):
+    """The frozen LPIPS of users' scripts (a plain ``lpips.LPIPS(net=...)``, default memory format), or None
+    with ``--lpips 0``; ``build_lpips`` itself returns a channels-last backbone."""
+    import torch
+
+    from sdvae.metrics.lpips import build_lpips
+
+    if args.lpips <= 0:
+        return None
+    return build_lpips(args.lpips_net, random_backbone=True).to(device, memory_format=torch.contiguous_format)
+
+
 def _our_train_step(vae, args, total_steps: int):
     """The step tools/train.py runs: one module through accelerate (autocast, fp32 master weights),
     VAELoss (LPIPS with gradient), clipping, AdamW + schedule, EMA."""
@@ -229,14 +241,10 @@ def _reference_train_step(vae, args, total_steps: int):
     import torch
     import torch.nn.functional as F
 
-    from sdvae.metrics.lpips import build_lpips
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
-    lpips_model = None
-    if args.lpips > 0:  # a plain `lpips.LPIPS(net=...)`: default memory format
-        lpips_model = build_lpips(args.lpips_net, random_backbone=True)
-        lpips_model.to(device, memory_format=torch.contiguous_format)
+    lpips_model = _plain_lpips(args, device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def step(i: int, images, eps) -> float:
@@ -268,17 +276,13 @@ def _example_train_step(vae, args, total_steps: int):
     import torch.nn.functional as F
     from accelerate import Accelerator
 
-    from sdvae.metrics.lpips import build_lpips
     from sdvae.train.discriminator import NLayerDiscriminator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
-    lpips_model = build_lpips(args.lpips_net, random_backbone=True).eval().requires_grad_(False) \
-        if args.lpips > 0 else None
     disc = NLayerDiscriminator(3, 64, 3, "batch")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     vae, disc, opt = accelerator.prepare(vae, disc, opt)
-    if lpips_model is not None:  # the example's plain `lpips.LPIPS(net="vgg")`: default memory format
-        lpips_model.to(accelerator.device, memory_format=torch.contiguous_format)
+    lpips_model = _plain_lpips(args, accelerator.device)
     last_layer = accelerator.unwrap_model(vae).decoder.conv_out.weight
 
     def step(i: int, images, eps) -> float:
