@@ -65,6 +65,17 @@ def _unsupported(module: nn.Module, why: str) -> NotImplementedError:
     return NotImplementedError(f"exact tiling does not support {type(module).__name__}: {why}")
 
 
+def _plain_self_attention(attn: Attention) -> bool:
+    """Whether ``attn`` computes exactly what :meth:`_Runner.attention`'s banded pass does: diffusers'
+    default SDPA processor (or the classic one, the same math) for plain self-attention."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    head_dim = attn.inner_dim // attn.heads
+    return (type(attn.processor) in (AttnProcessor, AttnProcessor2_0) and attn.norm_q is None
+            and attn.norm_k is None and attn.add_k_proj is None and not attn.only_cross_attention
+            and math.isclose(attn.scale, head_dim ** -0.5) and not attn.training)
+
+
 class _Runner:
     """Executes Encoder/Decoder modules as tiled passes; owns the spill directory."""
 
@@ -100,7 +111,7 @@ class _Runner:
             raise _unsupported(conv, "only plain zero-padded convs with dilation 1 and groups 1")
         cout, cin, kh, kw = conv.weight.shape
         (sh, sw), (pt, pl) = conv.stride, conv.padding
-        c, h, w = x.shape
+        _, h, w = x.shape
         f = 2 if upsample else 1
         in_h, in_w = h * f, w * f  # size of the conv's actual input
         out_h = (in_h + 2 * pt + extra_pad - kh) // sh + 1
@@ -109,11 +120,7 @@ class _Runner:
         if norm is not None:
             if not isinstance(norm, nn.GroupNorm):
                 raise _unsupported(norm, "only GroupNorm")
-            mean, var = x.group_stats(norm.num_groups)
-            # GroupNorm folded into one per-channel affine, applied in fp32 like the norm kernels do.
-            mul = torch.rsqrt(var + norm.eps) * (1 if norm.weight is None else norm.weight.detach().double().cpu())
-            add = (0 if norm.bias is None else norm.bias.detach().double().cpu()) - mean * mul
-            prefix = (mul.float().view(1, c, 1, 1).to(self.device), add.float().view(1, c, 1, 1).to(self.device))
+            prefix = self._norm_affine(x, norm)
         if act is not None and (norm is None or not isinstance(act, _POINTWISE_ACTS)):
             raise _unsupported(act, "only pointwise activations, after a GroupNorm")
         out = self.store(cout, out_h, out_w)
@@ -134,6 +141,15 @@ class _Runner:
         if free:
             x.close()
         return out
+
+    def _norm_affine(self, x: TensorStore, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm over the whole of ``x`` folded into one per-channel affine (mul, add), (1, C, 1, 1)
+        fp32 on the device: applied in fp32, as the norm kernels do, to any tile of ``x``."""
+        c = x.shape[0]
+        mean, var = x.group_stats(norm.num_groups)
+        mul = torch.rsqrt(var + norm.eps) * (1 if norm.weight is None else norm.weight.detach().double().cpu())
+        add = (0 if norm.bias is None else norm.bias.detach().double().cpu()) - mean * mul
+        return mul.float().view(1, c, 1, 1).to(self.device), add.float().view(1, c, 1, 1).to(self.device)
 
     def _load(self, x: TensorStore, iy0: int, iy1: int, ix0: int, ix1: int, in_h: int, in_w: int, f: int,
               prefix: tuple[torch.Tensor, torch.Tensor] | None,
@@ -190,16 +206,69 @@ class _Runner:
         return y
 
     def attention(self, x: TensorStore, attn: nn.Module) -> TensorStore:
-        """Mid-block attention on the whole activation (global by nature); consumes ``x``."""
+        """Mid-block self-attention over the whole activation, in bands of query rows; consumes ``x``.
+
+        Attention is global, so every query needs every key and value: those two are computed band by
+        band and held (2·C·H·W values, the least an exact pass can hold), then each band of queries is
+        projected, attends to all of them and is written out with its residual. Nothing else of image
+        size is in memory at once (diffusers' processor holds about six such tensors: input, normed,
+        q, k, v, output). The math is diffusers' ``AttnProcessor2_0``; other processors (a user's
+        custom one) run untiled on the whole activation instead.
+        """
         if not isinstance(attn, Attention) or attn.spatial_norm is not None:
             raise _unsupported(attn, "expected Attention without spatial norm")
         c, h, w = x.shape
-        t = x.read(0, h, 0, w).to(self.device).contiguous()  # the processor .view()s it
-        x.close()
-        y = attn(t)
-        del t
+        if not _plain_self_attention(attn):
+            t = x.read(0, h, 0, w).to(self.device).contiguous()  # the processor .view()s it
+            x.close()
+            y = attn(t)
+            del t
+            out = self.store(c, h, w)
+            out.write(0, 0, y)
+            return out
+        heads = attn.heads
+        prefix = None
+        if attn.group_norm is not None:
+            prefix = self._norm_affine(x, attn.group_norm)
+        # Full-width bands of query rows; the fp32 tile budget bounds a band's (tokens, C) tensors.
+        rows = max(1, self.tile_bytes // (4 * c * w))
+
+        def tokens(y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Rows [y0, y1) as (1, (y1-y0)·W, C): raw (the residual) and group-normed (the input)."""
+            raw = x.read(y0, y1, 0, w).to(self.device)
+            normed = raw if prefix is None else (raw.float() * prefix[0]).add_(prefix[1]).to(self.dtype)
+            return raw, normed.flatten(2).transpose(1, 2)
+
+        key = value = None
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            _, t = tokens(y0, y1)
+            k, v = attn.to_k(t), attn.to_v(t)
+            if key is None:
+                head_dim = k.shape[-1] // heads
+                key = torch.empty((1, heads, h * w, head_dim), dtype=k.dtype, device=self.device)
+                value = torch.empty((1, heads, h * w, v.shape[-1] // heads), dtype=v.dtype, device=self.device)
+            key[:, :, y0 * w:y1 * w] = k.view(1, -1, heads, head_dim).transpose(1, 2)
+            value[:, :, y0 * w:y1 * w] = v.view(1, -1, heads, value.shape[-1]).transpose(1, 2)
+            del k, v, t
         out = self.store(c, h, w)
-        out.write(0, 0, y)
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            raw, t = tokens(y0, y1)
+            q = attn.to_q(t)
+            del t
+            q = q.view(1, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False)
+            del q
+            a = attn.to_out[0](a.transpose(1, 2).reshape(1, -1, heads * a.shape[-1]))
+            y = a.transpose(1, 2).reshape(1, c, y1 - y0, w)
+            del a
+            if attn.residual_connection:
+                y = y + raw
+            if attn.rescale_output_factor != 1:
+                y = y / attn.rescale_output_factor
+            out.write(y0, 0, y)
+        x.close()
         return out
 
     def mid(self, x: TensorStore, block: nn.Module) -> TensorStore:
