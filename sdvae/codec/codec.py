@@ -59,6 +59,12 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., :height, :width]
 
 
+def _cast(model: AutoencoderKL, *args) -> AutoencoderKL:
+    """``model.to(*args)`` through torch's ``Module.to``: diffusers' override logs a warning about
+    "modules that should be kept in float32" on every dtype cast, even for a model that has none."""
+    return torch.nn.Module.to(model, *args)
+
+
 @dataclass
 class Encoded:
     """A diagonal Gaussian posterior q(z|x) for a batch of images.
@@ -110,7 +116,7 @@ class Codec:
         self.dtype_name = resolve_dtype(dtype, self.device)
         self.dtype = torch_dtype(self.dtype_name)
         self.tile = tile
-        self.master = vae.to(self.device, torch.float32).eval()
+        self.master = _cast(vae, self.device, torch.float32).eval()
         self.factor = downsample_factor(vae)
         self.notes: list[str] = []
         self._low: AutoencoderKL | None = None
@@ -124,7 +130,7 @@ class Codec:
         if dtype == torch.float32:
             return self.master
         if self._low is None:
-            self._low = copy.deepcopy(self.master).to(dtype)
+            self._low = _cast(copy.deepcopy(self.master), dtype)
         return self._low
 
     def _tiled(self, height: int, width: int) -> bool:

@@ -57,6 +57,22 @@ def test_bf16_runs_without_fallback(test_vae) -> None:
     assert out.shape == ref.shape
 
 
+def test_low_precision_copy_logs_no_warning(test_vae) -> None:
+    """Making the bf16 copy must not log diffusers' "modules that should be kept in float32: []"."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")  # its own handler; it does not propagate to root
+    diffusers_logger.addHandler(handler)
+    try:
+        Codec(test_vae, dtype="bf16", tile="off").decode(torch.zeros(1, 4, 2, 2))
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+
+
 @pytest.mark.parametrize("tile", ["on", "off", "auto"])
 def test_tiling_modes_agree(test_vae, tile: str) -> None:
     x = torch.rand(1, 3, 40, 56) * 2 - 1
