@@ -108,6 +108,7 @@ def test_bf16_reconstruction_is_close_to_fp32_on_the_embedded_checkpoint() -> No
     x = torch.from_numpy(make_photo(64, 48, seed=1)).permute(2, 0, 1).float()[None] / 127.5 - 1
     full, _ = Codec(vae, dtype="fp32").roundtrip(x)
     half, _ = Codec(vae, dtype="bf16").roundtrip(x)
-    assert float(psnr(quantize(full), quantize(half))[0]) > 45.0  # measured 52.4 (v1, v2), 52.9 (v3), 52.5 dB (v4)
+    # measured 52.4 (v1, v2), 52.9 (v3), 52.5 (v4), 52.0 dB (v5)
+    assert float(psnr(quantize(full), quantize(half))[0]) > 45.0
     quality_fp32, quality_bf16 = (float(psnr(quantize(r), quantize(x))[0]) for r in (full, half))
-    assert abs(quality_fp32 - quality_bf16) < 0.1  # measured 0.02 dB (v1), 0.03 dB (v2), 0.02 dB (v3, v4)
+    assert abs(quality_fp32 - quality_bf16) < 0.1  # measured 0.02 (v1, v3, v4), 0.03 (v2), 0.04 dB (v5)
