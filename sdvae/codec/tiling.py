@@ -9,7 +9,8 @@ activations:
   and zero-padding only at the true image border, so every conv output is exact;
 * the pointwise GroupNorm + activation in front of a conv is applied to each input tile with the
   *global* statistics of the whole activation, accumulated while that activation was written;
-* the mid-block attention (at 1/8 resolution) runs untiled on the whole activation.
+* the mid-block attention (at 1/8 resolution) stays global: keys and values of the whole activation are
+  held, and queries run in bands of rows, each attending to every key.
 
 Activations live in :class:`TensorStore` objects: a tensor in RAM when small, a raw file on disk
 otherwise (page cache is not counted in the process RSS), so peak memory is bounded by the tile
