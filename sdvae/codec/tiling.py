@@ -240,18 +240,15 @@ class _Runner:
             normed = raw if prefix is None else (raw.float() * prefix[0]).add_(prefix[1]).to(self.dtype)
             return raw, normed.flatten(2).transpose(1, 2)
 
-        key = value = None
+        # The input is read and normed again for the queries: holding it would cost a third image-size tensor.
+        key, value = (torch.empty((1, heads, h * w, proj.out_features // heads), dtype=self.dtype, device=self.device)
+                      for proj in (attn.to_k, attn.to_v))
         for y0 in range(0, h, rows):
             y1 = min(h, y0 + rows)
             _, t = tokens(y0, y1)
-            k, v = attn.to_k(t), attn.to_v(t)
-            if key is None:
-                head_dim = k.shape[-1] // heads
-                key = torch.empty((1, heads, h * w, head_dim), dtype=k.dtype, device=self.device)
-                value = torch.empty((1, heads, h * w, v.shape[-1] // heads), dtype=v.dtype, device=self.device)
-            key[:, :, y0 * w:y1 * w] = k.view(1, -1, heads, head_dim).transpose(1, 2)
-            value[:, :, y0 * w:y1 * w] = v.view(1, -1, heads, value.shape[-1]).transpose(1, 2)
-            del k, v, t
+            for store, proj in ((key, attn.to_k), (value, attn.to_v)):
+                store[:, :, y0 * w:y1 * w] = proj(t).view(1, -1, heads, store.shape[-1]).transpose(1, 2)
+            del t
         out = self.store(c, h, w)
         for y0 in range(0, h, rows):
             y1 = min(h, y0 + rows)
