@@ -2,6 +2,7 @@
 
     python tools/bench.py tiling [--size 1024] [--big 2048] [--roundtrip 2048,4096]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.5 --precisions no,bf16]
+                                [--breakdown]
     python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
     python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
 
@@ -344,6 +345,69 @@ def cmd_train_child(args: argparse.Namespace) -> None:
                       "device": str(device)}))
 
 
+def cmd_train_parts(args: argparse.Namespace) -> None:
+    """Seconds per batch of each part of our step in isolation (fresh process): the VAE's forward +
+    backward, LPIPS with the gradient our loss needs, LPIPS without gradient (what the example runs).
+    Median of ``--steps`` after ``--warmup``; prints JSON for the parent."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from sdvae.metrics.lpips import build_lpips, lpips_distance
+    from sdvae.model.build import build_preset
+    from sdvae.model.info import downsample_factor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    vae = build_preset(args.preset).train().to(device)
+    lp = build_lpips(args.lpips_net, random_backbone=True).to(device)  # as VAELoss builds it
+    images = _synthetic_batches(1, args.batch, args.resolution)[0].to(device)
+    factor = downsample_factor(vae)
+    eps = torch.randn(args.batch, vae.config.latent_channels, args.resolution // factor, args.resolution // factor,
+                      generator=torch.Generator().manual_seed(1)).to(device)
+    recon = (0.9 * images).detach()  # a stand-in reconstruction: LPIPS' cost does not depend on content
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def vae_step() -> None:
+        with autocast():
+            posterior = vae.encode(images).latent_dist
+            out = vae.decode(posterior.mean + posterior.std * eps).sample
+            loss = F.mse_loss(out.float(), images)
+        loss.backward()
+        vae.zero_grad(set_to_none=True)
+
+    def lpips_grad() -> None:
+        leaf = recon.clone().requires_grad_()
+        with autocast():
+            dist = lpips_distance(lp, images, leaf).mean()
+        dist.backward()
+
+    def lpips_no_grad() -> None:
+        with torch.no_grad(), autocast():
+            lpips_distance(lp, images, recon)
+
+    def median_seconds(fn) -> float:
+        times = []
+        for i in range(args.warmup + args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    print(json.dumps({"vae": median_seconds(vae_step), "lpips_grad": median_seconds(lpips_grad),
+                      "lpips_no_grad": median_seconds(lpips_no_grad)}))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Our training step vs the steps users would run instead: images/s, peak memory, ratios.
 
@@ -385,6 +449,30 @@ def cmd_train(args: argparse.Namespace) -> None:
             for base_name, base in ((f"example ({precision})", example), ("reference (fp32)", ref)):
                 print(f"  {name} / {base_name}: {ours['images_per_s'] / base['images_per_s']:.2f}x images/s, "
                       f"{ours['peak_memory'] / base['peak_memory']:.2f}x peak memory")
+        if args.breakdown and args.lpips > 0:
+            _print_breakdown(shared, precision, args.batch / example["images_per_s"])
+
+
+def _print_breakdown(shared: list[str], precision: str, example_seconds: float) -> None:
+    """Where our step's time goes, and the fastest it could be against the example's step.
+
+    Our loss needs the VAE's forward + backward and LPIPS with gradient (target branch, reconstruction
+    branch, backward into the reconstruction); even with optimizer, EMA, KL and everything else free,
+    ours / example stays near example seconds / (VAE + LPIPS with gradient). The parts are timed apart,
+    so the estimate carries the rows' run-to-run noise.
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_train-parts", *shared, "--precision", precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
+    parts = json.loads(proc.stdout.strip().splitlines()[-1])
+    floor = parts["vae"] + parts["lpips_grad"]
+    print(f"  breakdown ({precision}, isolated, median per batch): VAE forward + backward {parts['vae']:.3f} s; "
+          f"LPIPS with gradient {parts['lpips_grad']:.3f} s; LPIPS without gradient {parts['lpips_no_grad']:.3f} s",
+          flush=True)
+    print(f"  ceiling ({precision}): example step {example_seconds:.3f} s / (VAE + LPIPS with gradient) "
+          f"{floor:.3f} s = {example_seconds / floor:.2f}x — about the most any step computing our loss can "
+          f"reach against the example (isolated timings; same noise as the rows)", flush=True)
 
 
 def _write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
@@ -620,6 +708,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("train", help="our training step vs diffusers' example step and a plain fp32 step")
     train_args(p)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the step's parts in isolation and print the ceiling of ours / example")
     p.add_argument("--precisions", default=_default_train_precisions(),
                    help="comma-separated mixed precisions of the example's and our step (no, bf16, fp16); "
                    "default: bf16,fp16 on CUDA, bf16 on CPUs with native bf16, else no")
@@ -664,6 +754,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_train_child)
+
+    p = sub.add_parser("_train-parts", help=argparse.SUPPRESS)
+    train_args(p)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_train_parts)
 
     p = sub.add_parser("_decode-child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("untiled", "tiled", "diffusers"), required=True)
