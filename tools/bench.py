@@ -357,6 +357,7 @@ def cmd_train_parts(args: argparse.Namespace) -> None:
     from sdvae.metrics.lpips import build_lpips, lpips_distance
     from sdvae.model.build import build_preset
     from sdvae.model.info import downsample_factor
+    from sdvae.train.vae_forward import VAEForward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -373,10 +374,11 @@ def cmd_train_parts(args: argparse.Namespace) -> None:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+    forward = VAEForward(vae)  # what our step runs
+
     def vae_step() -> None:
         with autocast():
-            posterior = vae.encode(images).latent_dist
-            out = vae.decode(posterior.mean + posterior.std * eps).sample
+            out, _, _ = forward(images, eps)
             loss = F.mse_loss(out.float(), images)
         loss.backward()
         vae.zero_grad(set_to_none=True)
