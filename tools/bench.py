@@ -80,13 +80,17 @@ def cmd_decode_child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "rss_before": base}))
 
 
-def _child(mode: str, size: int, preset: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_decode-child", "--mode", mode, "--size", str(size),
-           "--preset", preset]
+def _run_child(*argv: str) -> dict:
+    """``tools/bench.py <argv>`` in a fresh process (its own peak memory); the JSON its last line prints."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(mode: str, size: int, preset: str) -> dict:
+    return _run_child("_decode-child", "--mode", mode, "--size", str(size), "--preset", preset)
 
 
 def _roundtrip_child(size: int, preset: str, folder: Path) -> dict:
@@ -436,11 +440,7 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"PatchGAN + 2 autograd.grad)")
     results = {}
     for name, extra in runs.items():
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_train-child", *shared, *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
-        results[name] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name] = r = _run_child("_train-child", *shared, *extra)
         print(f"  {name:>18}: {r['images_per_s']:7.2f} images/s, peak {r['peak_memory'] / 1024**3:5.2f} GiB, "
               f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (mean of last 5) on {r['device']}", flush=True)
     ref = results["reference (fp32)"]
@@ -463,11 +463,7 @@ def _print_breakdown(shared: list[str], precision: str, example_seconds: float) 
     ours / example stays near example seconds / (VAE + LPIPS with gradient). The parts are timed apart,
     so the estimate carries the rows' run-to-run noise.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_train-parts", *shared, "--precision", precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
-    parts = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = _run_child("_train-parts", *shared, "--precision", precision)
     floor = parts["vae"] + parts["lpips_grad"]
     print(f"  breakdown ({precision}, isolated, median per batch): VAE forward + backward {parts['vae']:.3f} s; "
           f"LPIPS with gradient {parts['lpips_grad']:.3f} s; LPIPS without gradient {parts['lpips_no_grad']:.3f} s",
@@ -650,13 +646,9 @@ def cmd_infer(args: argparse.Namespace) -> None:
                 rows = {}
                 for mode in modes:
                     save = str(Path(tmp) / f"{preset}-{size}-{mode}.pt")
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "_infer-child", "--mode", mode,
-                           "--preset", preset, "--size", str(size), "--device", args.device, "--save", save,
-                           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"child {' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
-                    rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"save": save}
+                    rows[mode] = _run_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
+                                            "--device", args.device, "--save", save, "--repeats", str(args.repeats),
+                                            "--warmup", str(args.warmup)) | {"save": save}
                 base = rows.get("diffusers-fp32")
                 ref = torch.load(base["save"], weights_only=True)["out"] if base else None
                 for mode, row in rows.items():
