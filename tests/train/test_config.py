@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -15,16 +16,26 @@ from sdvae.train.config import OptimConfig, RunConfig, dump_config, load_config
 from sdvae.train.ema import EMA
 from sdvae.train.optim import build_optimizer, lr_factor
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))  # the recipes and configs/tiny-f8c4/stage-NN-*.yaml
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_shipped_configs_load_and_round_trip(path: Path, tmp_path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_config(cfg))
     assert load_config(saved) == cfg
+
+
+def test_stage_configs_are_numbered_and_config_comments_name_existing_paths():
+    stages = sorted((REPO / "configs" / "tiny-f8c4").glob("*.yaml"))
+    assert [p.name[:9] for p in stages] == [f"stage-{n:02d}-" for n in range(1, len(stages) + 1)]
+    for path in CONFIGS:
+        comments = " ".join(line.partition("#")[2] for line in path.read_text().splitlines())
+        # repository paths, not COMMIT:PATH (`git archive`) or another repository's OWNER/NAME/PATH
+        for named in re.findall(r"(?<![\w./:-])(?:configs|sdvae|tools|docs|checkpoints)/[\w./-]*\w", comments):
+            assert (REPO / named).exists(), f"{path.relative_to(REPO)} names {named}, which does not exist"
 
 
 def test_overrides_are_typed_and_nested(tmp_path: Path):
