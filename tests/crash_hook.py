@@ -24,6 +24,11 @@ like ``kill -9 -PGID`` or a power cut; start the process with ``start_new_sessio
 
 ``SDVAE_TEST_NAN=P1,P2,...`` makes the posterior noise NaN for the micro-batches at those 0-based
 positions (``step * grad_accum + micro``), so those optimizer steps get non-finite losses and gradients.
+
+``SDVAE_TEST_GLOBAL_RNG=1`` adds to every micro-batch's posterior noise (in the training process, where
+checkpoints save and restore RNG states) a small shift drawn from the global torch, numpy and Python
+generators, standing in for a user's augmentation or a library's dropout. Training itself draws nothing
+from them, so without this a resume that failed to restore one of them would still be bit-exact.
 """
 
 from __future__ import annotations
@@ -79,6 +84,25 @@ def _wrap(module: Any, name: str, before: str | None = None, after: str | None =
     setattr(module, name, wrapper)
 
 
+def _draw_from_global_rngs(vae_forward: Any) -> None:
+    """Wrap ``posterior_noise`` (called once per micro-batch, in the training process) so that its noise
+    moves by 0.01 x (a torch.rand per element + one numpy and one Python uniform draw, centred): each
+    global stream then reaches the weights, and a wrong stream after a resume changes them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    original_noise = vae_forward.posterior_noise
+
+    def posterior_noise(*args: Any, **kwargs: Any) -> torch.Tensor:
+        eps = original_noise(*args, **kwargs)
+        shift = torch.rand(eps.shape) + float(np.random.random()) + random.random() - 1.5
+        return eps + 0.01 * shift
+
+    vae_forward.posterior_noise = posterior_noise
+
+
 def install_train_hooks() -> None:
     _read_kill_spec()
     import accelerate
@@ -103,6 +127,9 @@ def install_train_hooks() -> None:
     _wrap(sdvae.train.checkpoint, "save_file", before="ckpt")
     _wrap(sdvae.train.validation, "reconstruction_metrics", after="val")
     _wrap(sdvae.model.save, "save_diffusers", after="export")
+
+    if os.environ.get("SDVAE_TEST_GLOBAL_RNG") == "1":
+        _draw_from_global_rngs(sdvae.train.vae_forward)
 
     nan = {int(p) for p in os.environ.get("SDVAE_TEST_NAN", "").split(",") if p.strip()}
     if nan:

@@ -44,7 +44,8 @@ def native_bf16(device: str | torch.device) -> bool:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Natively: torch's default also counts bf16 it only emulates (pre-Ampere GPUs such as T4, V100).
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False

@@ -85,13 +85,18 @@ def test_tiling_modes_agree(test_vae, tile: str) -> None:
 # Automatic precision
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_follows_the_hardware_rule(test_vae, monkeypatch, native, expected) -> None:
+@pytest.mark.parametrize(("avx512_bf16", "amx_bf16", "expected"),
+                         [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_follows_the_hardware_rule(test_vae, monkeypatch, avx512_bf16: bool, amx_bf16: bool,
+                                                  expected: str) -> None:
+    """The codec's ``auto`` is the README's rule on what torch reports about the CPU (the real detector runs:
+    only torch's capability report is replaced; tests/model/test_dtypes.py covers the rule itself)."""
     from sdvae.model import dtypes
 
-    monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda: native)
+    caps = {**torch.cpu.get_capabilities(), "avx512_bf16": avx512_bf16, "amx_bf16": amx_bf16}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(caps))
     assert dtypes.resolve_dtype("auto", "cpu") == expected
-    assert Codec(test_vae, dtype="auto").dtype_name == expected
+    assert Codec(test_vae, dtype="auto", device="cpu").dtype_name == expected
     assert dtypes.resolve_dtype("fp16", "cpu") == "fp16"  # explicit choices are kept, fp16 only on request
     if not torch.cuda.is_available():
         assert dtypes.resolve_dtype("auto", "cuda") == "fp32"

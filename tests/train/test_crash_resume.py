@@ -5,6 +5,10 @@ discriminator's BatchNorm buffers, schedulers, RNG states), state.json, final/ a
 Kills come from ``tests/crash_hook.py`` (``SDVAE_TEST_KILL=MOMENT:N``, SIGKILL of the process group, so
 the DataLoader workers die too). Runs go through its fork server: the dozen runs of a test then share
 one interpreter start-up (the same code runs as ``python tools/train.py``; test_train_run.py covers that).
+
+Every run also draws from the global torch, numpy and Python generators on each micro-batch
+(``SDVAE_TEST_GLOBAL_RNG=1``), so a resume that failed to restore one of them changes the weights;
+training itself draws nothing from them, and without the draws their states would match anyway.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def launcher():
 
 
 def _train(launcher: Launcher, images: Path, out: Path, kill: str = "") -> int:
-    env = {"SDVAE_TEST_KILL": kill} if kill else {}
+    env = {"SDVAE_TEST_GLOBAL_RNG": "1"} | ({"SDVAE_TEST_KILL": kill} if kill else {})
     out.parent.mkdir(parents=True, exist_ok=True)
     return launcher.run([TRAIN, CONFIG, f"--data.train={images}", f"--train.out={out}", *COMMON],
                         log=out.parent / f"{out.name}.log", env=env)
@@ -126,6 +130,14 @@ def test_reference_run_is_complete(reference: Path) -> None:
     assert any(k.endswith("running_mean") for k in disc), "the discriminator's BatchNorm buffers are saved"
     assert {"optimizer-vae.safetensors", "optimizer-disc.safetensors", "ema.safetensors", "rng-0.json"} <= {
         p.name for p in last.iterdir()}
+    # The global streams move between checkpoints (SDVAE_TEST_GLOBAL_RNG draws from each on every
+    # micro-batch), so the resume tests below see whether each one is restored.
+    first = reference / "checkpoints" / "step-00000003"
+    py_a, np_a = (json.loads((first / "rng-0.json").read_text())[k] for k in ("python", "numpy"))
+    py_b, np_b = (json.loads((last / "rng-0.json").read_text())[k] for k in ("python", "numpy"))
+    assert py_a != py_b and np_a != np_b
+    torch_a, torch_b = (load_file(c / "rng-0.safetensors")["torch"] for c in (first, last))
+    assert not torch.equal(torch_a, torch_b)
 
 
 def test_kills_at_chosen_moments_resume_bit_exact(launcher: Launcher, images: Path, reference: Path,
