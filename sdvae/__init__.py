@@ -20,6 +20,7 @@ _EXPORTS = {
     "Codec": "sdvae.codec.codec",
     "scale_latents": "sdvae.latents.scaling",
     "unscale_latents": "sdvae.latents.scaling",
+    "latent_normalization": "sdvae.latents.scaling",
     "LatentDataset": "sdvae.latents.dataset",
     "BucketBatchSampler": "sdvae.latents.bucket_sampler",
     "UserError": "sdvae.errors",

@@ -3,7 +3,8 @@
 A write the file system refuses (disk full, read-only, quota: any :class:`OSError`) becomes one
 :class:`sdvae.errors.WriteError` naming the destination, with no temporary file or folder left behind.
 
-Everything ``sdvae`` writes for the user goes through these two context managers: the content is
+Everything ``sdvae`` writes for the user goes through these two context managers (JSON through
+:func:`write_json`, which uses the first): the content is
 written under a temporary name in the destination's folder (same filesystem, so the final
 ``os.replace`` is atomic), then given the permissions the user's umask gives any new file
 (``tempfile`` and safetensors create 0600 files, which would otherwise survive the rename).
@@ -12,11 +13,13 @@ written under a temporary name in the destination's folder (same filesystem, so 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sdvae.errors import UserError, WriteError
 
@@ -101,3 +104,13 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
         raise WriteError(final, err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(dest: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> None:
+    """Write ``obj`` as indented JSON with a final newline, atomically (:func:`atomic_file`).
+
+    Raises:
+        WriteError: the file system refused the write.
+    """
+    with atomic_file(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")

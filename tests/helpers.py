@@ -74,3 +74,18 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def kill_when_written(cmd: list[str], marker: Path, env: dict[str, str], timeout: float = 300) -> None:
+    """Start ``cmd`` (from the repository root), SIGKILL it as soon as ``marker`` exists, and check it was
+    interrupted mid-way (the marker written, the run not finished: no ``final/`` beside the marker's run)."""
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    run = marker.parent.parent  # RUN/checkpoints/step-N
+    assert marker.exists() and not (run / "final").exists(), "the run was not interrupted mid-way"

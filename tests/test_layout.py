@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdvae"
 # Areas from the bottom up: a module may import its own area and the areas of lower ranks only.
 RANKS = {
     "errors": 0,
-    "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1,
+    "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1, "device": 1,
     "model": 2, "images": 2, "metrics": 2,
     "codec": 3,
     "latents": 4,
@@ -121,6 +121,22 @@ def test_areas_import_only_downwards() -> None:
 def test_every_area_has_a_rank() -> None:
     areas = {_area(m) for m in import_graph()} - {""}
     assert areas <= set(RANKS), f"areas without a rank: {sorted(areas - set(RANKS))}"
+
+
+def test_tests_mirror_the_tree() -> None:
+    """A test folder per package area or ``tools``; top-level test files are named after a top-level module
+    or test the repository as a whole (layout, packaging, docs)."""
+    tests = Path(__file__).resolve().parent
+    areas = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders <= areas | {"tools"}, f"test folders that mirror nothing: {sorted(folders - areas - {'tools'})}"
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    loose = {p.stem.removeprefix("test_") for p in tests.glob("test_*.py")} - modules - {"layout", "packaging", "docs"}
+    assert not loose, f"top-level test files that mirror no top-level module: {sorted(loose)}"
+    tools = {p.stem for p in (PACKAGE.parent / "tools").glob("*.py")}
+    tools |= {p.parent.name for p in (PACKAGE.parent / "tools").glob("*/__init__.py")}  # packages (benchkit)
+    stray = {p.stem.removeprefix("test_") for p in (tests / "tools").glob("test_*.py")} - tools
+    assert not stray, f"tests/tools files named after no tool: {sorted(stray)}"
 
 
 def test_no_module_over_the_size_limit() -> None:

@@ -56,6 +56,7 @@ def test_wheel_runs_roundtrip_with_the_default_model_from_another_folder(wheel: 
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "sdvae/checkpoints/sdvae-tiny-f8c4/diffusion_pytorch_model.safetensors" in names
+    assert "sdvae/py.typed" in names  # PEP 561: type checkers read the installed package's annotations
     python = _venv_on_this_environment(tmp_path / "env")
     _run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel)
     elsewhere = tmp_path / "elsewhere"

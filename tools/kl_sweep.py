@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from sdvae.atomic import atomic_file
+from sdvae.device import resolve_device
 from sdvae.errors import UserError
 from sdvae.train.config import RunConfig, config_to_dict, load_config, parse_overrides
 
@@ -238,7 +239,7 @@ def readme_text(rows: list[dict[str, Any]], command: str, trained: str, evaluate
         "PSNR: the posterior-mean reconstruction, rounded to 8 bits, mean over images. KL: the closed-form "
         "KL(q(z|x) ‖ N(0, I)) in bits per image subpixel (3·H·W), the rate of the ELBO. ELBO: the negative "
         "ELBO in bits/dim under a discretized Gaussian decoder whose σ is fitted per model "
-        "(see `sdvae/elbo.py`): distortion + rate, lower is better.",
+        "(see `sdvae/eval/elbo.py`): distortion + rate, lower is better.",
         "",
         f"Prior samples: {sampled}.",
         "",
@@ -283,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- check everything that can be checked before the first (long) training run -------------
     # Imported here, not at the top, so --help and the unit tests of the helpers above stay instant.
-    import torch
     from diffusers.utils import logging as diffusers_logging
 
     from sdvae.codec.codec import Codec
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for weight in weights:  # also validates every run's full override list before anything is trained
         run = run_dir(out, weight)
         check_run_folder(run, load_config(config, run_overrides(weight, run, data, overrides)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device())
 
     # --- one run per weight: train (or reuse), evaluate, sample -----------------------------------
     rows, runs, sample_rows, protocol = [], [], [], None

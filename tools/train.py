@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import sys
 import time
@@ -29,9 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdvae.atomic import atomic_file
+from sdvae.atomic import atomic_file, write_json
 from sdvae.errors import UserError
-from sdvae.model.info import downsample_factor
+from sdvae.images.channels import model_channels
+from sdvae.model.family import is_flux2
+from sdvae.model.info import downsample_factor, scaled_factor
 from sdvae.model.load import load_vae
 from sdvae.model.save import save_diffusers
 from sdvae.seeding import seed_global_rngs
@@ -77,15 +78,17 @@ def main(cfg: RunConfig) -> dict[str, float]:
 
     # --- model, losses, optimizers -------------------------------------------------------------
     vae = load_vae(cfg.model.init, norm_num_groups=cfg.model.norm_num_groups,
-                   layers_per_block=cfg.model.layers_per_block)
+                   layers_per_block=cfg.model.layers_per_block, image_channels=cfg.model.image_channels)
+    channels = model_channels(vae.config)  # images are read as 1 grayscale, 3 RGB or 4 RGBA channels
     checkpointed = prepare_vae(vae, cfg.model, channels_last=cfg.train.channels_last)  # trainable parts etc.
     accelerator.print(f"gradient checkpointing: {checkpointed} blocks" if checkpointed else
                       "gradient checkpointing: off")
     factor = downsample_factor(vae)
-    if cfg.data.resolution % factor:
-        raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the downsampling factor {factor}")
+    if cfg.data.resolution % scaled_factor(vae):  # FLUX.2: 16, for its 2x2-patchified latent statistics
+        raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the downsampling factor "
+                        f"{scaled_factor(vae)}")
     latent_shape = (vae.config.latent_channels, cfg.data.resolution // factor, cfg.data.resolution // factor)
-    loss_fn = VAELoss(cfg.loss).to(device)  # (its LPIPS backbone is channels-last already)
+    loss_fn = VAELoss(cfg.loss, image_channels=channels).to(device)  # (its LPIPS backbone is channels-last already)
     if cfg.train.channels_last:  # the discriminator takes the memory format of the reconstructions
         loss_fn.to(memory_format=torch.channels_last)
     use_disc = cfg.loss.disc_weight > 0
@@ -123,7 +126,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
     # --- data ------------------------------------------------------------------------------------
     train_loader, val_loader, data_info = build_dataloaders(
         cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, procs,
-        start_step=start_step * ga, skip_log_path=out / f"skipped-rank{accelerator.process_index}.txt")
+        start_step=start_step * ga, skip_log_path=out / f"skipped-rank{accelerator.process_index}.txt",
+        channels=channels)
     batches = iter(train_loader)
 
     if main_proc:
@@ -257,16 +261,17 @@ def main(cfg: RunConfig) -> dict[str, float]:
                    "train_seconds": round(run_meta["seconds"], 1), "weights": "ema" if ema is not None else "raw"}
         if cfg.model.train_encoder:  # the final encoder's latents: measured scaling_factor (latent-stats' math)
             stats = measure_latent_stats(eval_vae, latent_stats_loader(cfg.data, cfg.train.batch_size,
-                                                                       cfg.train.seed), device)
+                                                                       cfg.train.seed, channels=channels), device)
             written = write_measured_scaling(out / "final", stats)
             summary["latent_stats"] = {**stats.to_dict(), "written": written}
-            accelerator.print(f"final/config.json: measured on {stats.rows} images' latents: "
-                              + ", ".join(f"{k} {v:.6g}" for k, v in written.items() if v is not None))
+            accelerator.print(f"final/: measured on {stats.rows} images' latents: " + ", ".join(
+                f"{k} {v:.6g}" if isinstance(v, float) else f"{k} ({len(v)} patchified channels, into the weights)"
+                for k, v in written.items() if v is not None))
         else:
-            accelerator.print(f"final/config.json: encoder frozen, scaling_factor {vae.config.scaling_factor} "
-                              "kept from model.init")
-        with atomic_file(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=1))
+            kept = ("BatchNorm statistics" if is_flux2(vae.config) else
+                    f"scaling_factor {vae.config.get('scaling_factor')}")
+            accelerator.print(f"final/: encoder frozen, {kept} kept from model.init")
+        write_json(out / "metrics.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sdvae.atomic import atomic_file
+from sdvae.atomic import atomic_file, write_json
 from sdvae.latents.bucket_sampler import BucketBatchSampler
 from sdvae.latents.dataset import LatentDataset
 from sdvae.latents.scaling import unscale_latents
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = image_grid(codec.decode(z[:args.num_samples]), nrow=math.ceil(math.sqrt(args.num_samples)))
     save_image(grid, out / "samples.png")
 
-    stats = z[:args.num_stats].double().transpose(0, 1).reshape(channels, -1)
+    stats = z[:args.num_stats].double().transpose(0, 1).reshape(z.shape[1], -1)  # the VAE's channels (FLUX.2: C)
     report = {"steps": step, "preset": args.preset, "batch_size": args.batch_size,
               "processes": accelerator.num_processes, "train_rows": len(train_rows), "held_out_rows": len(held),
               "parameters": sum(p.numel() for p in unet.parameters()), "latent_shape": [channels, h, w],
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "channel_std": stats.std(1, unbiased=False).tolist(),
                             "mean": stats.mean().item(), "std": stats.std(unbiased=False).item()},
               "scaling": data.scaling}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     print(json.dumps(report["held_out_loss"]))
     return report
 

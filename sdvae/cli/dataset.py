@@ -1,70 +1,20 @@
-"""``sdvae encode-dataset`` and ``sdvae latent-stats``, and ``decode --row`` of a latent dataset."""
+"""``sdvae encode-dataset`` and ``sdvae latent-stats``: an image source to a latent dataset, and its statistics."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, codec_from_args, default_model, preview_map
-from sdvae.errors import UserError, require_extra
+from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, default_model, require_data_extra
 from sdvae.model.dtypes import DTYPE_CHOICES
-from sdvae.model.presets import PRESETS
-
-
-def decode_dataset_rows(args: argparse.Namespace) -> int:
-    """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
-    _require_data("sdvae decode --row")
-    from sdvae.images.write import save_image, to_pil
-    from sdvae.latents.dataset import LatentDataset
-    from sdvae.latents.format import read_dataset_meta
-    from sdvae.latents.preview import latent_preview
-    from sdvae.model.info import config_dict, latent_space_hash
-
-    meta = read_dataset_meta(args.latents)
-    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[], flip="never")
-    rows = args.row or [0]
-    bad = [r for r in rows if not 0 <= r < len(data)]
-    if bad:
-        raise UserError(f"{args.latents}: no row {bad[0]} (the dataset has {len(data)} rows)")
-    codec = None
-    if not args.preview_only:
-        if not args.model:
-            args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
-        ref, codec = codec_from_args(args)
-        # Unscaled latents depend on the architecture and weights, not on the scaling keys (which
-        # `latent-stats --write-config` may have changed since), so those are left out of the check.
-        if latent_space_hash(config_dict(codec.master)) != meta["arch_hash"]:
-            raise UserError(f"{args.latents}: latents were made by {meta['model']} (config hash "
-                            f"{meta['config_hash']}), whose architecture differs from {ref}'s; "
-                            "pass the matching --model")
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rgb_map = preview_map(meta) if args.preview or args.preview_only else None
-    for row in rows:
-        z, _ = data.unscaled(row)
-        stem = f"row-{row:06d}"
-        if codec is not None:
-            dest = out_dir / f"{stem}.png"
-            save_image(to_pil(codec.decode(z[None])), dest)
-            print(dest)
-        if args.preview or args.preview_only:
-            preview = latent_preview(z[None], upscale=meta["downsampling_factor"], rgb_map=rgb_map)
-            dest = out_dir / f"{stem}.preview.png"
-            save_image(to_pil(preview * 2 - 1), dest)
-            print(dest)
-    return 0
-
-
-def _require_data(what: str) -> None:
-    require_extra("datasets", what)
-    require_extra("pyarrow", what)
 
 
 def cmd_encode_dataset(args: argparse.Namespace) -> int:
-    _require_data("sdvae encode-dataset")
+    require_data_extra("sdvae encode-dataset")
     from sdvae.latents.export import EncodeOptions, run_encode
 
     carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
@@ -83,6 +33,8 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
     print(f"{who}encoded {summary['encoded']:,} image(s) ({summary['unreadable']} unreadable) in "
           f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
           f"{summary['shards_encoded']} shard(s) written, {summary['shards_done_before']} already done")
+    if "bucket_set" in summary:
+        _print_bucket_set(summary["bucket_set"])
     if summary["complete"]:
         _print_buckets(summary.get("buckets"))
         skipped = Path(args.out) / "skipped.txt"
@@ -95,13 +47,19 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_latent_stats(args: argparse.Namespace) -> int:
-    _require_data("sdvae latent-stats")
+    require_data_extra("sdvae latent-stats")
+    from sdvae.errors import UserError
     from sdvae.latents.format import read_dataset_meta
-    from sdvae.latents.stats import compute_latent_stats, write_scaling_config
+    from sdvae.latents.stats import compute_latent_stats, write_bn_statistics, write_scaling_config
 
     stats = compute_latent_stats(args.dataset, over=args.over)
     written = None
-    if args.write_config:
+    if args.write_config and stats.patchified:  # FLUX.2: the statistics go into the BatchNorm buffers
+        if args.per_channel:
+            raise UserError(f"{args.dataset}: --per-channel does not apply to FLUX.2 (its BatchNorm statistics "
+                            "are per channel already)")
+        written = write_bn_statistics(args.write_config, stats)
+    elif args.write_config:
         written = write_scaling_config(args.write_config, stats, per_channel=args.per_channel)
     if args.json:
         result = stats.to_dict()
@@ -110,18 +68,27 @@ def cmd_latent_stats(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     what = {"posterior": "posterior (means + exp(logvar))", "mean": "posterior means", "sample": "stored samples"}
-    print(f"{args.dataset}: {stats.rows:,} rows, {len(stats.channel_mean)} channels x "
+    print(f"{args.dataset}: {stats.rows:,} rows, {len(stats.channel_mean)} "
+          f"{'2x2-patchified (FLUX.2) ' if stats.patchified else ''}channels x "
           f"{stats.values_per_channel:,} values, over the {what[stats.over]}")
     print(f"{'channel':>8} {'mean':>12} {'std':>12}")
     for c, (m, sd) in enumerate(zip(stats.channel_mean, stats.channel_std, strict=True)):
         print(f"{c:>8} {m:>12.6f} {sd:>12.6f}")
     print(f"{'all':>8} {stats.mean:>12.6f} {stats.std:>12.6f}")
-    print(f"recommended: scaling_factor = 1/std = {stats.scaling_factor:.6f}, shift_factor = mean = "
-          f"{stats.shift_factor:.6f}")
     used = read_dataset_meta(args.dataset)["scaling"]
-    print(f"in force at encode time: scaling_factor {used['scaling_factor']}, shift_factor {used['shift_factor']}"
-          + (", latents_mean/latents_std set" if used.get("latents_mean") is not None else ""))
-    if written:
+    if stats.patchified:
+        print("FLUX.2: the channel means and variances are the BatchNorm running statistics (bn.running_mean, "
+              "bn.running_var) that normalise these latents; in force at encode time: the model's own")
+    else:
+        print(f"recommended: scaling_factor = 1/std = {stats.scaling_factor:.6f}, shift_factor = mean = "
+              f"{stats.shift_factor:.6f}")
+        print(f"in force at encode time: scaling_factor {used['scaling_factor']}, shift_factor "
+              f"{used['shift_factor']}" + (", latents_mean/latents_std set" if used.get("latents_mean") is not None
+                                           else ""))
+    if written and stats.patchified:
+        print(f"wrote bn.running_mean, bn.running_var (the BatchNorm buffers, not config.json) into {written[0]}, "
+              "rewritten atomically with every other tensor unchanged")
+    elif written:
         print(f"wrote {', '.join(written[1])} to {written[0]}")
     _print_buckets(stats.buckets)
     return 0
@@ -129,6 +96,13 @@ def cmd_latent_stats(args: argparse.Namespace) -> int:
 
 def _bucket_flip_options(args: argparse.Namespace) -> dict:
     return {"buckets": args.buckets, "bucket_step": args.bucket_step, "hflip": args.hflip}
+
+
+def _print_bucket_set(described: dict) -> None:
+    """The set's side step and spacing: how far from its own aspect ratio an image can land."""
+    gap = described["spacing_log_ratio"]
+    print(f"bucket set {described['name']}: sides multiples of {described['step']}, largest log aspect-ratio gap "
+          f"{gap:.3f} (an image is cropped at most {math.exp(gap / 2) - 1:.0%} off its aspect ratio)")
 
 
 def _print_buckets(histogram: dict[str, int] | None) -> None:
@@ -143,8 +117,9 @@ def _add_bucket_flip_arguments(p: argparse.ArgumentParser) -> None:
                    "--bucket-step, aspect ratios 1:4 to 4:1) or sdxl (SDXL's 40 published sizes). Each image goes "
                    "to the bucket nearest its aspect ratio (log space), is resized to cover it and --crop center|"
                    "random cropped; rows record bucket [H, W]. Replaces --resolution")
-    p.add_argument("--bucket-step", type=int, default=64,
-                   help="side step of --buckets N, a multiple of the downsampling factor (default 64)")
+    p.add_argument("--bucket-step", type=int, default=None,
+                   help="side step of --buckets N, a multiple of the downsampling factor (default: about N/16 "
+                   "rounded to a multiple of the factor: 16 at 256, 32 at 512, 64 at 1024 as SDXL)")
     p.add_argument("--hflip", choices=("none", "both"), default="none",
                    help="both: also store the latents of the horizontally mirrored image, in columns "
                    "mean_flip/logvar_flip (or latent_flip) of the same row")
@@ -197,7 +172,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="posterior: z = mean + sigma*eps, exactly (default when log-variances are stored); "
                    "mean: the posterior means only")
     p.add_argument("--write-config", metavar="MODEL_FOLDER",
-                   help="write scaling_factor/shift_factor into this diffusers folder's config.json")
+                   help="write scaling_factor/shift_factor into this diffusers folder's config.json (FLUX.2: "
+                   "the patchified channel means/variances into the BatchNorm buffers of its weights)")
     p.add_argument("--per-channel", action="store_true",
                    help="with --write-config: write latents_mean/latents_std (and scaling_factor 1) instead")
     p.add_argument("--json", action="store_true")

@@ -59,7 +59,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "and the ELBO / importance-weighted bound in bits/dim under an 8-bit discretized Gaussian decoder "
         "likelihood with prior N(0, I) on the unscaled latents. The default protocol is the sd-vae-ft-mse model "
         "card's: shorter side resized to 256, center crop 256x256 (COCO-2017 val, 5,000 images). Unreadable "
-        "images are skipped and counted.")
+        "images are skipped and counted. Images are read to the model's image channels (1 grayscale: colour by "
+        "luminance; 3 RGB; 4 RGBA, alpha kept): PSNR, SSIM and the bounds cover all of them (alpha included), "
+        "while LPIPS and rFID, RGB networks, see the RGB view (grayscale repeated to three channels, RGBA "
+        "without alpha).")
     p.add_argument("data", help="an image folder (recursive), a save_to_disk folder, parquet file(s), or a Hugging "
                    "Face datasets name")
     size = p.add_mutually_exclusive_group()

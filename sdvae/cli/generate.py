@@ -45,8 +45,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     if args.size < 0 or 0 < args.size < codec.factor:
         raise UserError(f"--size must be 0 (full resolution) or at least the downsampling factor {codec.factor}, "
                         f"got {args.size}")
-    img_a = load_checked(args.image_a, codec.factor, args.tile)
-    img_b = load_checked(args.image_b, codec.factor, args.tile)
+    img_a = load_checked(args.image_a, codec.factor, args.tile, codec.channels)
+    img_b = load_checked(args.image_b, codec.factor, args.tile, codec.channels)
     notes = [f"{inputs[0].name}: {n}" for n in img_a.notes] + [f"{inputs[1].name}: {n}" for n in img_b.notes]
     tensor_a, tensor_b = img_a.tensor, img_b.tensor
     if args.size and min(img_a.size) > args.size:  # shrink only: never enlarge a small image

@@ -1,4 +1,5 @@
-"""``sdvae encode`` / ``sdvae decode``: images to a latents file and back, or rows of a latent dataset."""
+"""``sdvae encode`` / ``sdvae decode``: images to a latents file and back; ``decode --row`` decodes rows of a
+latent dataset (``sdvae encode-dataset``) the same way."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked
+from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, load_checked, require_data_extra
 from sdvae.errors import UserError
 from sdvae.latents.file import LATENTS_FORMAT
 from sdvae.model.presets import PRESETS
@@ -19,7 +20,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     ref, codec = codec_from_args(args)
     tensors, entries = {}, []
     for i, path in enumerate(args.images):
-        img = load_checked(path, codec.factor, args.tile)
+        img = load_checked(path, codec.factor, args.tile, codec.channels)
         enc = codec.encode(img.tensor)
         key = f"{i:05d}"
         tensors[f"{key}.mean"] = enc.mean[0].contiguous()
@@ -49,9 +50,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from sdvae.model.info import config_hash
 
     if Path(args.latents).is_dir():
-        from sdvae.cli.dataset import decode_dataset_rows
-
-        return decode_dataset_rows(args)
+        return _decode_dataset_rows(args)
     if args.row:
         raise UserError(f"{args.latents}: --row applies to an encode-dataset folder, not a latents file")
     tensors, meta = read_latents_file(args.latents)
@@ -61,8 +60,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         _write_previews(tensors, meta, Path(args.output))
         if args.preview_only:
             return 0
-    if not args.model:
-        args.model = meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
+    args.model = args.model or _recorded_model(meta)
     ref, codec = codec_from_args(args)
     if config_hash(codec.master) != meta["config_hash"]:
         raise UserError(f"{args.latents}: latents were made by a model with config hash {meta['config_hash']}, "
@@ -79,6 +77,56 @@ def cmd_decode(args: argparse.Namespace) -> int:
         save_image(to_pil(images), dest, protect=[Path(entry["path"])])
         print(dest)
     return 0
+
+
+def _decode_dataset_rows(args: argparse.Namespace) -> int:
+    """``sdvae decode OUT --row N``: decode (and/or preview) rows of an encode-dataset output."""
+    require_data_extra("sdvae decode --row")
+    from sdvae.cli.options import preview_map
+    from sdvae.images.write import save_image, to_pil
+    from sdvae.latents.dataset import LatentDataset
+    from sdvae.latents.format import read_dataset_meta
+    from sdvae.latents.preview import latent_preview
+    from sdvae.model.info import config_dict, latent_space_hash
+
+    meta = read_dataset_meta(args.latents)
+    data = LatentDataset(args.latents, seed=args.seed, scaled=False, sample=args.sample, columns=[], flip="never")
+    rows = args.row or [0]
+    bad = [r for r in rows if not 0 <= r < len(data)]
+    if bad:
+        raise UserError(f"{args.latents}: no row {bad[0]} (the dataset has {len(data)} rows)")
+    codec = None
+    if not args.preview_only:
+        args.model = args.model or _recorded_model(meta)
+        ref, codec = codec_from_args(args)
+        # Unscaled latents depend on the architecture and weights, not on the scaling keys (which
+        # `latent-stats --write-config` may have changed since), so those are left out of the check.
+        if latent_space_hash(config_dict(codec.master)) != meta["arch_hash"]:
+            raise UserError(f"{args.latents}: latents were made by {meta['model']} (config hash "
+                            f"{meta['config_hash']}), whose architecture differs from {ref}'s; "
+                            "pass the matching --model")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rgb_map = preview_map(meta) if args.preview or args.preview_only else None
+    for row in rows:
+        z, _ = data.unscaled(row)
+        stem = f"row-{row:06d}"
+        if codec is not None:
+            dest = out_dir / f"{stem}.png"
+            save_image(to_pil(codec.decode(z[None])), dest)
+            print(dest)
+        if args.preview or args.preview_only:
+            preview = latent_preview(z[None], upscale=meta["downsampling_factor"], rgb_map=rgb_map)
+            dest = out_dir / f"{stem}.preview.png"
+            save_image(to_pil(preview * 2 - 1), dest)
+            print(dest)
+    return 0
+
+
+def _recorded_model(meta: dict) -> str | None:
+    """The model recorded in a latents file's or dataset's metadata, if it can still be loaded from here
+    (a preset or an existing path); else None (the default model, checked against the recorded hash)."""
+    return meta["model"] if meta["model"] in PRESETS or Path(meta["model"]).exists() else None
 
 
 def _write_previews(tensors: dict, meta: dict, out_dir: Path) -> None:

@@ -1,8 +1,6 @@
 """What every ``sdvae`` command shares: the model/runtime options, the default model, loading an input.
 
-The default model is the embedded checkpoint, shipped inside the package as ``sdvae/checkpoints/sdvae-tiny-f8c4``
-(package data, so editable and wheel installs both have it; the repository's ``checkpoints/sdvae-tiny-f8c4`` is
-a symlink to that folder).
+The default model is the embedded checkpoint (:data:`sdvae.model.presets.EMBEDDED_CHECKPOINT`).
 """
 
 from __future__ import annotations
@@ -11,20 +9,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdvae.errors import UserError
+from sdvae.errors import UserError, require_extra
 from sdvae.model.dtypes import DTYPE_CHOICES
+from sdvae.model.presets import EMBEDDED_CHECKPOINT as EMBEDDED
 from sdvae.model.presets import PRESETS
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "checkpoints" / "sdvae-tiny-f8c4"
 MODEL_HELP = (
     "model: a preset (" + ", ".join(PRESETS) + "), a diffusers folder, a single-file LDM/A1111 checkpoint "
-    "(.safetensors/.ckpt/.pt/.pth), or a Hugging Face Hub id. Default: the embedded checkpoint "
+    "(.safetensors/.ckpt/.pt/.pth) or FLUX.2 release file (ae.safetensors), or a Hugging Face Hub id. "
+    "Default: the embedded checkpoint "
     f"({EMBEDDED.name}) when present."
 )
 INPUT_NOTES = (
-    "Inputs: any format Pillow reads. Alpha is composited on white; grayscale, palette, CMYK and 16-bit "
-    "images are converted to 8-bit-range RGB; EXIF rotation is applied. Sides that are not multiples of "
-    "the downsampling factor are reflect-padded, then cropped back."
+    "Inputs: any format Pillow reads, read to the model's image channels (its in_channels): 3 (RGB, the SD "
+    "family): alpha is composited on white, grayscale, palette, CMYK and 16-bit images are converted to "
+    "8-bit-range RGB; 1 (grayscale): colour images are converted by luminance, alpha composited on white, "
+    "16-bit grayscale kept at full precision; 4 (RGBA): alpha is kept (opaque where the file has none). "
+    "Outputs are written in the same mode (L, RGB or RGBA). EXIF rotation is applied. Sides that are not "
+    "multiples of the downsampling factor are reflect-padded, then cropped back."
 )
 
 
@@ -49,24 +51,32 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def codec_from_args(args: argparse.Namespace):
-    import torch
-
     from sdvae.codec.codec import Codec
+    from sdvae.device import resolve_device
     from sdvae.model.load import load_vae
 
     ref = args.model or default_model()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
+    device = resolve_device(args.device)
     return ref, Codec(load_vae(ref), device=device, dtype=args.dtype, tile=args.tile)
 
 
-def load_checked(path: str, factor: int, tile: str):
-    from sdvae.images.load import check_min_size, load_image
+def load_checked(path: str, factor: int, tile: str, channels: int = 3):
+    """An input image for a command, read to ``channels`` (the model's: ``codec.channels``), at least one latent
+    cell in size."""
+    from sdvae.images.load import ImageTooLarge, check_min_size, load_image
 
-    img = load_image(path, allow_huge=(tile == "on"))
+    try:
+        img = load_image(path, allow_huge=(tile == "on"), channels=channels)
+    except ImageTooLarge as err:
+        raise UserError(f"{err}; pass --tile on to process it anyway") from None
     check_min_size(img.size, factor, path)
     return img
+
+
+def require_data_extra(what: str) -> None:
+    """One line naming ``sdvae[data]`` when ``datasets``/``pyarrow`` (needed by ``what``) are missing."""
+    require_extra("datasets", what)
+    require_extra("pyarrow", what)
 
 
 def note(message: str) -> None:

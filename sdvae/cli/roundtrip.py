@@ -20,7 +20,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
     src = Path(args.image)
     ref, codec = codec_from_args(args)
-    img = load_checked(args.image, codec.factor, args.tile)
+    img = load_checked(args.image, codec.factor, args.tile, codec.channels)
     out = Path(args.output) if args.output else default_output(src, "recon")
     compare = out.with_name(f"{out.stem}.compare.png")
     generator = torch.Generator().manual_seed(args.seed)

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 
 from sdvae.codec import TILE_MODES
 from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
+from sdvae.images.channels import model_channels
 from sdvae.model.dtypes import resolve_dtype, torch_dtype
 from sdvae.model.info import downsample_factor
 
@@ -107,15 +108,24 @@ class Codec:
         dtype: 'auto' | 'fp32' | 'fp16' | 'bf16' for the computation ('auto': see
             :func:`sdvae.model.dtypes.resolve_dtype`; ``dtype_name`` says what was chosen).
         tile: 'auto' (tile above a size), 'on' or 'off'.
+
+    Attributes:
+        channels: the model's image channel count C (1 grayscale, 3 RGB, 4 RGBA): images are (B,C,H,W).
+
+    Raises:
+        UserError: the model's image channels are not 1, 3 or 4 (or differ between encoder and decoder),
+            in one line naming them (:func:`sdvae.images.channels.model_channels`).
     """
 
-    def __init__(self, vae: AutoencoderKL, *, device: str = "cpu", dtype: str = "fp32", tile: str = "auto"):
+    def __init__(self, vae: AutoencoderKL, *, device: str | torch.device = "cpu", dtype: str = "fp32",
+                 tile: str = "auto"):
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         self.device = torch.device(device)
         self.dtype_name = resolve_dtype(dtype, self.device)
         self.dtype = torch_dtype(self.dtype_name)
         self.tile = tile
+        self.channels = model_channels(vae.config)
         self.master = _cast(vae, self.device, torch.float32).eval()
         self.factor = downsample_factor(vae)
         self.notes: list[str] = []
@@ -148,7 +158,7 @@ class Codec:
         """Encode images of any size.
 
         Args:
-            images: (B,3,H,W) in [-1, 1], any H, W ≥ 1.
+            images: (B,C,H,W) in [-1, 1] (C = :attr:`channels`), any H, W ≥ 1.
 
         Returns:
             The posterior over (B,C,ceil(H/f),ceil(W/f)) latents.
@@ -175,7 +185,7 @@ class Codec:
             size: (H, W) to crop the output to (the original image size); default: full size.
 
         Returns:
-            (B,3,H,W) float32 on CPU, nominally in [-1, 1] (not clamped).
+            (B,C,H,W) float32 on CPU, nominally in [-1, 1] (not clamped).
         """
         tiled = self._tiled(z.shape[-2] * self.factor, z.shape[-1] * self.factor)
 
@@ -193,12 +203,12 @@ class Codec:
         """Encode then decode.
 
         Args:
-            images: (B,3,H,W) in [-1, 1].
+            images: (B,C,H,W) in [-1, 1].
             sample: decode a posterior draw instead of the mean.
             generator: makes the draw reproducible.
 
         Returns:
-            (reconstruction (B,3,H,W) in about [-1, 1], the posterior).
+            (reconstruction (B,C,H,W) in about [-1, 1], the posterior).
         """
         enc = self.encode(images)
         return self.decode(enc.latents(sample, generator), enc.size), enc

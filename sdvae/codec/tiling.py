@@ -345,7 +345,7 @@ def tiled_encode(vae: nn.Module, images: torch.Tensor, *, tile_bytes: int = TILE
     Args:
         vae: a ``diffusers.AutoencoderKL`` (any dtype; CPU or CUDA: tiles go to its device, activations
             stay in CPU RAM or on disk).
-        images: (B, 3, H, W) in [-1, 1]; H and W multiples of the downsampling factor f.
+        images: (B, C, H, W) in [-1, 1]; H and W multiples of the downsampling factor f.
         tile_bytes: budget for the largest fp32 tile of one conv pass (bounds the working memory).
         disk_threshold: activations larger than this many bytes are kept in files, not RAM.
         tmp_dir: where those files go (default: the system temp directory).
@@ -379,7 +379,7 @@ def tiled_decode(vae: nn.Module, z: torch.Tensor, *, tile_bytes: int = TILE_BYTE
         tmp_dir: where those files go (default: the system temp directory).
 
     Returns:
-        Images (B, 3, h·f, w·f), nominally in [-1, 1] (not clamped), in the model's dtype, on the device
+        Images (B, C, h·f, w·f), nominally in [-1, 1] (not clamped), in the model's dtype, on the device
         of ``z``.
 
     Raises:

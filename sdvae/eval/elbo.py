@@ -6,7 +6,7 @@ The VAE is read as the latent-variable model it was trained as:
   prior of the KL term in the training loss. ``scaling_factor``/``shift_factor`` are a convenience
   for diffusion models (:mod:`sdvae.latents.format`) and play no part here.
 * **posterior** ``q(z|x) = N(mean, diag(exp(logvar)))`` from the encoder (:class:`sdvae.codec.codec.Encoded`).
-* **likelihood** ``p(x|z)``: the D = 3·H·W subpixels of the 8-bit image are independent *discretised
+* **likelihood** ``p(x|z)``: the D = C·H·W subpixels (C image channels) of the 8-bit image are independent *discretised
   Gaussians* (PixelCNN++ / DDPM's decoder): the mean is the decoder output clamped to [-1, 1], the
   scale is one scalar σ (on the [-1, 1] scale; σ·127.5 in 8-bit units), and the probability of the
   8-bit value v (at x = v/127.5 − 1) is the Gaussian mass of its bin [x − 1/255, x + 1/255], with the
@@ -87,8 +87,8 @@ def log_likelihood_per_image(x: torch.Tensor, recon: torch.Tensor, sigmas: Seque
     """log p(x|z) of whole images for every σ of a grid (one pass over the data, σ in the inner loop).
 
     Args:
-        x: (B,3,H,W) images on the 8-bit grid of [-1, 1].
-        recon: (B,3,H,W) decoder output for z (any range; clamped to [-1, 1]).
+        x: (B,C,H,W) images on the 8-bit grid of [-1, 1].
+        recon: (B,C,H,W) decoder output for z (any range; clamped to [-1, 1]).
         sigmas: S scales.
 
     Returns:
@@ -115,7 +115,7 @@ class BoundTerms:
         log_px: (K,S,B) log p(x|z_k) for each of the S grid σ.
         log_prior_ratio: (K,B) log p(z_k) − log q(z_k|x).
         kl: (B,) closed-form KL(q(z|x) ‖ N(0, I)) in nats.
-        dims: D = 3·H·W, the number of subpixels the likelihood covers.
+        dims: D = C·H·W, the number of subpixels the likelihood covers.
     """
 
     log_px: torch.Tensor
@@ -153,7 +153,7 @@ def bound_terms(codec: Codec, x: torch.Tensor, enc: Encoded, sigmas: Sequence[fl
 
     Args:
         codec: the model.
-        x: (B,3,H,W) images on the 8-bit grid of [-1, 1] (the images ``enc`` encodes).
+        x: (B,C,H,W) images on the 8-bit grid of [-1, 1] (the images ``enc`` encodes).
         enc: ``codec.encode(x)``.
         sigmas: S likelihood scales to score every sample with.
         k: number of samples K ≥ 1.

@@ -5,6 +5,11 @@ is ``sdvae eval``: the figures of the published VAE tables (PSNR and SSIM as mea
 for any model and image collection under a stated protocol, plus the likelihood bounds of
 :mod:`sdvae.eval.elbo`. Metrics whose network weights are not on disk (LPIPS backbone, FID Inception) are
 reported as unavailable with the reason; nothing is downloaded at run time.
+
+Images are read to the model's image channels (:mod:`sdvae.images.channels`: 1 grayscale, 3 RGB, 4 RGBA).
+PSNR, SSIM and the likelihood bounds cover every channel (an RGBA model's alpha included); LPIPS and rFID,
+whose networks take RGB, see the RGB view (:func:`~sdvae.images.channels.rgb_view`: grayscale repeated to
+three channels, RGBA without its alpha).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch.utils.data import Dataset
 
 from sdvae.errors import UserError
 from sdvae.eval.metric_models import load_fid_metric, load_lpips_metric
+from sdvae.images.channels import describe_channels, rgb_view
 from sdvae.images.resize import center_crop, resize_shorter
 from sdvae.metrics.pixel import psnr, quantize, ssim
 from sdvae.progress import Progress
@@ -94,11 +100,11 @@ def apply_protocol(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
     """Apply the protocol's resize/crop and round to the 8-bit grid (the data whose likelihood is scored).
 
     Args:
-        image: (3,H,W) in [-1, 1].
+        image: (C,H,W) in [-1, 1].
         settings: the protocol.
 
     Returns:
-        (3,H',W') float32 in [-1, 1], values v/127.5 − 1 for integer v (a resized image is re-quantized
+        (C,H',W') float32 in [-1, 1], values v/127.5 − 1 for integer v (a resized image is re-quantized
         as if saved as an 8-bit file, so model, metrics and likelihood all see the same 8-bit image).
     """
     if settings.resolution is not None:
@@ -111,8 +117,8 @@ def apply_protocol(image: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
 class _EvalItems(Dataset):
     """Source images after :func:`apply_protocol`; a bad image becomes an item with an ``error``."""
 
-    def __init__(self, source: ImageSource, count: int, settings: EvalSettings):
-        self.source, self.count, self.settings = source, count, settings
+    def __init__(self, source: ImageSource, count: int, settings: EvalSettings, channels: int = 3):
+        self.source, self.count, self.settings, self.channels = source, count, settings, channels
 
     def __len__(self) -> int:
         return self.count
@@ -120,7 +126,7 @@ class _EvalItems(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.source.name(i)
         try:
-            pixels = apply_protocol(self.source.load(i), self.settings)
+            pixels = apply_protocol(self.source.load(i, self.channels), self.settings)
         except UserError as err:
             return {"index": i, "name": name, "pixels": None, "error": str(err)}
         if min(pixels.shape[-2:]) < MIN_SIDE:
@@ -203,7 +209,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     sigmas = SIGMA_GRID if settings.sigma is None else (settings.sigma,)
 
     count = len(source) if settings.limit is None else min(settings.limit, len(source))
-    loader = DataLoader(_EvalItems(source, count, settings), batch_size=None, shuffle=False,
+    loader = DataLoader(_EvalItems(source, count, settings, codec.channels), batch_size=None, shuffle=False,
                         num_workers=settings.workers, collate_fn=_items_as_they_are)
     bar = Progress(count, "sdvae eval", enabled=progress)
     skipped: list[dict[str, str]] = []
@@ -215,14 +221,15 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
             x = torch.stack([item["pixels"] for item in batch])
             enc = codec.encode(x)
             recon = codec.decode(enc.mean, enc.size)
-            a, b = quantize(x), quantize(recon)  # (B,3,H,W) in [0,1] on the 8-bit grid
+            a, b = quantize(x), quantize(recon)  # (B,C,H,W) in [0,1] on the 8-bit grid
             cols["psnr"].append(psnr(a, b))
             cols["ssim"].append(ssim(a, b))
             if lpips_model is not None:
-                cols["lpips"].append(lpips_distance(lpips_model, (a * 2 - 1).to(device), (b * 2 - 1).to(device)).cpu())
+                cols["lpips"].append(lpips_distance(lpips_model, rgb_view(a * 2 - 1).to(device),
+                                                    rgb_view(b * 2 - 1).to(device)).cpu())
             if fid_metric is not None:
-                fid_metric.update((a * 255).round().to(torch.uint8).to(device), real=True)
-                fid_metric.update((b * 255).round().to(torch.uint8).to(device), real=False)
+                fid_metric.update(rgb_view((a * 255).round().to(torch.uint8)).to(device), real=True)
+                fid_metric.update(rgb_view((b * 255).round().to(torch.uint8)).to(device), real=False)
             gens = [image_generator(settings.seed, item["index"]) for item in batch]
             terms = bound_terms(codec, x, enc, sigmas, settings.iw_samples, gens)
             cols["elbo"].append(terms.elbo().T)
@@ -277,6 +284,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
         "format": EVAL_FORMAT,
         "model": {"ref": model_ref, "config_hash": config_hash(codec.master),
                   "downsampling_factor": facts["downsampling_factor"], "latent_channels": facts["latent_channels"],
+                  "image_channels": codec.channels,
                   "parameters": facts["parameters"]["total"]},
         "data": {"ref": source.ref, "description": source.describe(), "images_in_source": len(source),
                  "limit": settings.limit, "evaluated": len(names), "skipped": len(skipped),
@@ -284,6 +292,9 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
         "protocol": {
             "resolution": settings.resolution, "center_crop": settings.center_crop and settings.resolution is not None,
             "preprocessing": settings.describe_crop() + "; then rounded to 8 bits",
+            "channels": f"images read as {describe_channels(codec.channels)}; PSNR, SSIM and the bounds over all "
+            "of them" + {1: "; LPIPS and rFID on the grayscale image repeated to RGB",
+                         4: "; LPIPS and rFID on the RGB channels (alpha not seen)"}.get(codec.channels, ""),
             "reconstruction": "decoder(posterior mean), rounded to 8 bits (as a saved PNG) for PSNR/SSIM/LPIPS/rFID",
             "psnr": "10·log10(1/MSE) per image on [0,1], mean and population std over images",
             "ssim": "torchmetrics structural_similarity_index_measure (Gaussian 11, σ 1.5), per image",
@@ -295,7 +306,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
             "sigma_rule": bounds["sigma_rule"],
             "iw_samples": settings.iw_samples,
             "elbo_estimator": "mean of the K log-weights (the IW bound uses the same K draws, so IW >= ELBO)",
-            "bits_per_dim": "-bound / (3·H·W·ln 2)",
+            "bits_per_dim": f"-bound / ({codec.channels}·H·W·ln 2)",
             "seed": settings.seed, "dtype": codec.dtype_name, "device": str(device), "tile": codec.tile,
             "batch_size": settings.batch_size,
             "versions": {"sdvae": sdvae.__version__, "torch": torch.__version__,

@@ -19,26 +19,27 @@ posterior means linearly and spherically.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from sdvae.codec.codec import Codec
 from sdvae.errors import UserError
-from sdvae.latents.scaling import scale_latents, unscale_latents
+from sdvae.latents.scaling import Source, scale_latents, scaled_shape, unscale_latents
+from sdvae.model.family import patch_factor
 
 SPACES = ("scaled", "vae")
 
 
-def prior_latents(n: int, shape: tuple[int, int, int], config: Mapping[str, Any], *, temperature: float = 1.0,
+def prior_latents(n: int, shape: tuple[int, int, int], config: Source, *, temperature: float = 1.0,
                   seed: int = 0, space: Literal["scaled", "vae"] = "scaled") -> torch.Tensor:
     """Draw latents from the prior, returned ready for the decoder (unscaled).
 
     Args:
         n: number of samples.
-        shape: (C, h, w) of one latent.
-        config: the VAE's config (scaling factor, shift, per-channel mean/std).
+        shape: (C, h, w) of one (unscaled) latent.
+        config: the normalisation source of :func:`scale_latents`: the model, or its config for every family
+            but FLUX.2 (whose scaled latents are (4C, h/2, w/2): h and w must be even).
         temperature: multiplies the standard normal draw (< 1: nearer the mode).
         seed: seeds a private CPU generator; sample i is the same whatever ``n`` (draws are sequential).
         space: ``"scaled"``: z_scaled ~ N(0, T²I) in the diffusion space, then :func:`unscale_latents`;
@@ -50,7 +51,8 @@ def prior_latents(n: int, shape: tuple[int, int, int], config: Mapping[str, Any]
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((n, *shape), generator=generator, dtype=torch.float32) * temperature
+    drawn = scaled_shape(shape, config) if space == "scaled" else tuple(shape)
+    eps = torch.randn((n, *drawn), generator=generator, dtype=torch.float32) * temperature
     return unscale_latents(eps, config) if space == "scaled" else eps
 
 
@@ -66,21 +68,22 @@ def sample_images(codec: Codec, n: int, size: tuple[int, int], *, temperature: f
         batch_size: latents decoded per model call.
 
     Returns:
-        (n,3,H,W) float32 on the CPU, nominally in [-1, 1].
+        (n,C,H,W) float32 on the CPU, nominally in [-1, 1].
 
     Raises:
         UserError: ``n`` < 1, a size that is not a positive multiple of the factor, a negative temperature.
     """
     height, width = size
-    f = codec.factor
+    f = codec.factor * (patch_factor(codec.config) if space == "scaled" else 1)  # FLUX.2: 2x2 patches
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     if height < f or width < f or height % f or width % f:
         raise UserError(f"--size {height}x{width}: each side must be a positive multiple of the model's "
-                        f"downsampling factor {f}")
+                        f"downsampling factor {f}" + (" (8, then FLUX.2's 2x2 latent patches)" if f != codec.factor
+                                                      else ""))
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
-    z = prior_latents(n, (codec.config.latent_channels, height // f, width // f), codec.config,
+    z = prior_latents(n, (codec.config.latent_channels, height // codec.factor, width // codec.factor), codec.master,
                       temperature=temperature, seed=seed, space=space)
     return torch.cat([codec.decode(chunk) for chunk in z.split(max(1, batch_size))])
 
@@ -114,8 +117,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return mix.reshape(a.shape).to(a.dtype)
 
 
-def interpolation_latents(za: torch.Tensor, zb: torch.Tensor, n: int,
-                          config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def interpolation_latents(za: torch.Tensor, zb: torch.Tensor, n: int, config: Source) -> dict[str, torch.Tensor]:
     """Latents between two posterior means, endpoints included.
 
     Linear interpolation does not depend on the space (the scaling is affine); spherical interpolation
@@ -126,7 +128,8 @@ def interpolation_latents(za: torch.Tensor, zb: torch.Tensor, n: int,
     Args:
         za, zb: (1,C,h,w) or (C,h,w) unscaled posterior means of the same shape.
         n: number of points, ≥ 2, at t = 0, 1/(n−1), ..., 1.
-        config: the VAE's config (for the scaling).
+        config: the normalisation source (the model; its config for every family but FLUX.2). FLUX.2
+            latents with an odd side are interpolated spherically in the VAE's space (no 2x2 patches).
 
     Returns:
         {"linear": (n,C,h,w), "spherical": (n,C,h,w)} unscaled latents.
@@ -134,6 +137,8 @@ def interpolation_latents(za: torch.Tensor, zb: torch.Tensor, n: int,
     if n < 2:
         raise UserError(f"-n must be at least 2 (the two endpoints), got {n}")
     za, zb = za.reshape(1, *za.shape[-3:]).float(), zb.reshape(1, *zb.shape[-3:]).float()
+    if scaled_shape(za.shape[-3:], config) != tuple(za.shape[-3:]) and (za.shape[-1] % 2 or za.shape[-2] % 2):
+        config = {}  # FLUX.2 latents with an odd side have no 2x2 patches: interpolate in the VAE's space
     sa, sb = scale_latents(za, config), scale_latents(zb, config)
     ts = [i / (n - 1) for i in range(n)]
     linear = [lerp(za, zb, t) for t in ts]
@@ -149,17 +154,17 @@ def interpolate_images(codec: Codec, image_a: torch.Tensor, image_b: torch.Tenso
 
     Args:
         codec: the model.
-        image_a, image_b: (1,3,H,W) in [-1, 1] of the same size (resize one first if needed).
+        image_a, image_b: (1,C,H,W) in [-1, 1] of the same size (resize one first if needed).
         n: points per path, endpoints included.
         batch_size: latents decoded per model call.
 
     Returns:
-        {"linear": (n,3,H,W), "spherical": (n,3,H,W)} float32 on the CPU, nominally in [-1, 1]; the
+        {"linear": (n,C,H,W), "spherical": (n,C,H,W)} float32 on the CPU, nominally in [-1, 1]; the
         first and last images are the decoded posterior means of A and B.
     """
     if image_a.shape != image_b.shape:
         raise ValueError(f"images must have one size, got {tuple(image_a.shape)} and {tuple(image_b.shape)}")
     enc_a, enc_b = codec.encode(image_a), codec.encode(image_b)
-    paths = interpolation_latents(enc_a.mean.cpu(), enc_b.mean.cpu(), n, codec.config)
+    paths = interpolation_latents(enc_a.mean.cpu(), enc_b.mean.cpu(), n, codec.master)
     return {name: torch.cat([codec.decode(chunk, enc_a.size) for chunk in z.split(max(1, batch_size))])
             for name, z in paths.items()}

@@ -54,7 +54,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"model {model['ref']} (config {model['config_hash']}, f{model['downsampling_factor']}, "
         f"{model['latent_channels']} latent channels) on {d['description']}",
-        f"protocol: {p['preprocessing']}; {p['dtype']} on {p['device']}",
+        f"protocol: {p['preprocessing']}; {p['dtype']} on {p['device']}"
+        + (f"; {p['channels']}" if model.get("image_channels", 3) != 3 else ""),
         f"images: {d['evaluated']:,} evaluated, {d['skipped']:,} skipped"
         + (f" (first: {d['skipped_examples'][0]['reason']})" if d["skipped"] else ""),
         f"PSNR   {m['psnr']['mean']:.2f} ± {m['psnr']['std']:.2f} dB",

@@ -1,4 +1,9 @@
-"""Composite images for people to look at: side-by-side comparisons, grids, labelled rows."""
+"""Composite images for people to look at: side-by-side comparisons, grids, labelled rows.
+
+Every composite is RGB (:func:`for_display`): grayscale panels are shown grey, and RGBA panels over a light
+checkerboard so their transparency is visible (the images themselves are written in their own mode by
+:func:`sdvae.images.write.save_image`).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,36 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdvae.images.write import to_pil
 
+CHECKER = 8  # side in pixels of the checkerboard squares behind transparent panels
+
+
+def for_display(image: Image.Image | torch.Tensor) -> Image.Image:
+    """An image as an RGB panel: tensors through :func:`to_pil` (L, RGB or RGBA), grayscale as grey, alpha
+    composited over a light grey checkerboard of :data:`CHECKER`-pixel squares."""
+    pil = to_pil(image) if isinstance(image, torch.Tensor) else image
+    if pil.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in pil.info:
+        return pil.convert("RGB")
+    width, height = pil.size
+    cells = Image.new("L", (-(-width // CHECKER), -(-height // CHECKER)))
+    cells.putdata([255 if (x + y) % 2 else 204 for y in range(cells.height) for x in range(cells.width)])
+    board = cells.resize((cells.width * CHECKER, cells.height * CHECKER), Image.Resampling.NEAREST)
+    board = board.crop((0, 0, width, height)).convert("RGBA")
+    return Image.alpha_composite(board, pil.convert("RGBA")).convert("RGB")
+
 
 def side_by_side(a: Image.Image | torch.Tensor, b: Image.Image | torch.Tensor,
                  labels: tuple[str, str] = ("original", "reconstruction")) -> Image.Image:
     """Put two images next to each other, each with a small label above it, for visual comparison.
 
     Args:
-        a: left image (PIL, or a tensor in [-1, 1] as accepted by :func:`to_pil`).
+        a: left image (PIL, or a tensor in [-1, 1] as accepted by :func:`to_pil`), shown by :func:`for_display`.
         b: right image; may differ in size from ``a`` (both are top-aligned).
         labels: texts drawn above ``a`` and ``b``, in Pillow's default font.
 
     Returns:
         An RGB image on a white background with a 4-pixel gap between the panels.
     """
-    left, right = (to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in (a, b))
+    left, right = (for_display(x) for x in (a, b))
     gap, margin = 4, 2
     # Labels scale gently with the image so they stay readable on large outputs without dominating
     # small ones; the bitmap fallback keeps this working on a Pillow built without FreeType.
@@ -52,14 +73,15 @@ def image_grid(images: torch.Tensor | Iterable[Image.Image | torch.Tensor], nrow
     """Tile same-size images row by row on a white background (``sdvae sample``).
 
     Args:
-        images: a (N,3,H,W) tensor in [-1, 1], or PIL images / (3,H,W) tensors, all the same size.
+        images: a (N,C,H,W) tensor in [-1, 1] (C 1, 3 or 4), or PIL images / (C,H,W) tensors, all the same
+            size; each shown by :func:`for_display`.
         nrow: images per row (≥ 1); the last row may be shorter.
         padding: white pixels between images and around the grid.
 
     Returns:
         An RGB image of ``nrow`` columns and ``ceil(N / nrow)`` rows.
     """
-    tiles = [to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in images]
+    tiles = [for_display(x) for x in images]
     if not tiles:
         raise ValueError("image_grid needs at least one image")
     if nrow < 1:
@@ -80,7 +102,8 @@ def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]
     """Rows of same-size images, each row with its label on the left (``sdvae interpolate``).
 
     Args:
-        rows: (label, images) pairs; images are PIL or (3,H,W)/(1,3,H,W) tensors in [-1, 1], all one size.
+        rows: (label, images) pairs; images are PIL or (C,H,W)/(1,C,H,W) tensors in [-1, 1], all one size,
+            each shown by :func:`for_display`.
         padding: white pixels between images.
         column_labels: texts drawn centred above each column (e.g. ``t=0.50``); columns widen to fit a
             label wider than the images, which are then centred in their column.
@@ -89,8 +112,7 @@ def labelled_rows(rows: Iterable[tuple[str, Iterable[Image.Image | torch.Tensor]
         An RGB image: a label column (Pillow's default font, scaled with the image height), then the images,
         under a band of column labels when given.
     """
-    prepared = [(label, [to_pil(x) if isinstance(x, torch.Tensor) else x.convert("RGB") for x in images])
-                for label, images in rows]
+    prepared = [(label, [for_display(x) for x in images]) for label, images in rows]
     if not prepared or not all(images for _, images in prepared):
         raise ValueError("labelled_rows needs at least one row, each with at least one image")
     width, height = prepared[0][1][0].size

@@ -1,12 +1,14 @@
 """Image files in: loading that never crashes on bad input (saving: :mod:`sdvae.images.write`).
 
 Everything the model sees goes through :func:`load_image`, which turns any file Pillow can decode into
-a (1,3,H,W) float32 RGB tensor in [-1, 1] and reports every conversion it made as a one-line note
-(alpha on white, EXIF rotation, 16-bit, palette, CMYK, ...). Anything it cannot use — a missing,
+a (1,C,H,W) float32 tensor in [-1, 1] with the model's C image channels (1 grayscale, 3 RGB, 4 RGBA: the
+rule of :mod:`sdvae.images.channels`) and reports every conversion it made as a one-line note
+(alpha on white, EXIF rotation, 16-bit, palette, CMYK, luminance, ...). Anything it cannot use — a missing,
 empty, truncated or non-image file, or an image above Pillow's decompression-bomb limit — becomes a
 :class:`~sdvae.errors.UserError` naming the file, never a traceback or a silently grey image.
 
-Tensor convention throughout: RGB, channels first, float in [-1, 1] (``-1`` black, ``+1`` white);
+Tensor convention throughout: channels first (L, RGB or RGBA), float in [-1, 1] (``-1`` black or
+transparent, ``+1`` white or opaque);
 8-bit values ``v`` map to ``v / 127.5 - 1`` and back with rounding (see :func:`sdvae.images.write.to_pil`).
 """
 
@@ -25,12 +27,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdvae.errors import UserError, first_line
+from sdvae.images.channels import image_mode
+from sdvae.images.convert import to_gray_array as _to_gray_array
+from sdvae.images.convert import to_rgb_array as _to_rgb_array
 
 PathLike = str | os.PathLike
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _EXIF_ORIENTATION = 0x0112
 # Pillow warnings that only describe something load_image handles anyway; others become notes.
 _QUIET_WARNINGS = ("Palette images with Transparency expressed in bytes",)
@@ -41,10 +45,10 @@ class LoadedImage:
     """A decoded image, ready for the model.
 
     Attributes:
-        tensor: (1,3,H,W) float32 RGB in [-1, 1], after EXIF rotation.
+        tensor: (1,C,H,W) float32 in [-1, 1] (C = the requested channels: L, RGB or RGBA), after EXIF rotation.
         size: (W, H) in pixels (PIL order), after EXIF rotation.
         notes: one-line, human-readable descriptions of the conversions made, e.g.
-            ``"alpha composited on white"``; empty for a plain 8-bit RGB file.
+            ``"alpha composited on white"``; empty for a plain 8-bit file of the requested mode.
     """
 
     tensor: torch.Tensor
@@ -60,10 +64,10 @@ def is_image_file(path: PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: PathLike, *, allow_huge: bool = False) -> LoadedImage:
-    """Decode an image file to a (1,3,H,W) RGB tensor in [-1, 1].
+def load_image(path: PathLike, *, allow_huge: bool = False, channels: int = 3) -> LoadedImage:
+    """Decode an image file to a (1,C,H,W) tensor in [-1, 1] with ``channels`` channels (1, 3 or 4).
 
-    Conversions (each one adds a note):
+    Conversions for 3 channels (RGB; each one adds a note):
 
     * EXIF orientation is applied (``ImageOps.exif_transpose``), so ``size`` is the displayed size;
     * alpha (RGBA, LA, PA, premultiplied modes, palette or grey/RGB ``transparency``) is composited on
@@ -79,12 +83,19 @@ def load_image(path: PathLike, *, allow_huge: bool = False) -> LoadedImage:
       values above 255 clipped; NaN/inf become 0;
     * multi-frame files (GIF, TIFF, ...) use the first frame.
 
+    With 1 channel (grayscale) the same rules give one grey channel instead: grayscale files (16-bit,
+    "I" and "F" included) are read as they are, colour files are converted by luminance (ITU-R 601-2,
+    Pillow's "L" conversion; after compositing on white, in float, when they have alpha). With 4 channels
+    (RGBA) the colour channels follow the RGB rules but alpha is kept as the 4th channel, never composited;
+    files without alpha get an opaque one (+1), noted as "alpha added (opaque)".
+
     Args:
         path: the image file.
         allow_huge: decode images above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
             instead of refusing them. The global limit is only lifted while this file is decoded and
             is restored afterwards (the override is process-wide for that moment, so other threads
             decoding at the same instant are unprotected).
+        channels: the model's image channel count (:mod:`sdvae.images.channels`); 3 by default.
 
     Returns:
         The tensor (float32, in [-1, 1]), its (W, H) size and the conversion notes.
@@ -92,12 +103,13 @@ def load_image(path: PathLike, *, allow_huge: bool = False) -> LoadedImage:
     Raises:
         UserError: missing, empty, truncated, corrupt or non-image file; image above the size limit
             without ``allow_huge``; a colour mode that cannot be converted. The message is one line
-            starting with the path.
+            starting with the path. A channel count other than 1, 3 or 4: one line naming it (no path).
     """
+    image_mode(channels)
     name = str(path)
     _check_regular_file(name)
     try:
-        return _decode(name)
+        return _decode(name, channels=channels)
     except Image.DecompressionBombError:  # above Pillow's hard limit (2× MAX_IMAGE_PIXELS): no size yet
         if not allow_huge:
             with _pixel_limit_lifted():
@@ -108,10 +120,10 @@ def load_image(path: PathLike, *, allow_huge: bool = False) -> LoadedImage:
             raise _bomb_error(name, big.size) from None
     # Lifted for load() too: some decoders (TIFF tiles, GIF frames) check the size again there.
     with _pixel_limit_lifted():
-        return _decode(name, check_size=False)
+        return _decode(name, check_size=False, channels=channels)
 
 
-def image_to_tensor(img: Image.Image) -> LoadedImage:
+def image_to_tensor(img: Image.Image, channels: int = 3) -> LoadedImage:
     """Like :func:`load_image`, for an image already opened or made in memory (e.g. a dataset cell).
 
     Applies the same conversions and notes; Pillow's decompression-bomb check is the caller's
@@ -119,12 +131,13 @@ def image_to_tensor(img: Image.Image) -> LoadedImage:
 
     Raises:
         UserError: truncated/corrupt data or an unconvertible mode; the message has no file name,
-            so callers prefix their own (e.g. ``f"{where}: {err}"``).
+            so callers prefix their own (e.g. ``f"{where}: {err}"``). A channel count other than 1, 3 or 4.
     """
+    image_mode(channels)
     notes: list[str] = []
     with _recorded_warnings(notes):
-        rgb = _convert(img, notes)
-    return _loaded(rgb, notes)
+        pixels = _convert(img, notes, channels)
+    return _loaded(pixels, notes)
 
 
 def check_min_size(img_size: tuple[int, int], factor: int, path: PathLike) -> None:
@@ -172,12 +185,19 @@ def _check_regular_file(name: str) -> None:
         raise UserError(f"{name}: empty file (0 bytes), not an image")
 
 
-def _bomb_error(name: str, size: tuple[int, int]) -> UserError:
+class ImageTooLarge(UserError):
+    """The image is above Pillow's decompression-bomb limit and ``allow_huge`` was not given.
+
+    The message names the file and the size but gives no advice: only the caller knows its own option for
+    huge images (``--tile on`` of ``roundtrip``/``encode``), so it adds that (see ``sdvae.cli.options``).
+    """
+
+
+def _bomb_error(name: str, size: tuple[int, int]) -> ImageTooLarge:
     width, height = size
     limit = Image.MAX_IMAGE_PIXELS or 0
-    return UserError(f"{name}: image is {width}×{height} ({width * height:,} pixels), above the safety limit of "
-                     f"{limit:,} pixels for decoding (Pillow's decompression-bomb guard); "
-                     f"pass --tile on to process it anyway")
+    return ImageTooLarge(f"{name}: image is {width}×{height} ({width * height:,} pixels), above the safety limit "
+                         f"of {limit:,} pixels for decoding (Pillow's decompression-bomb guard)")
 
 
 @contextmanager
@@ -200,7 +220,7 @@ def _probe_size(name: str) -> tuple[int, int]:
         raise UserError(f"{name}: not a readable image ({first_line(err, with_type=True)})") from None
 
 
-def _decode(name: str, *, check_size: bool = True) -> LoadedImage:
+def _decode(name: str, *, check_size: bool = True, channels: int = 3) -> LoadedImage:
     notes: list[str] = []
     with _recorded_warnings(notes):
         try:
@@ -221,10 +241,10 @@ def _decode(name: str, *, check_size: bool = True) -> LoadedImage:
             if check_size and limit is not None and img.width * img.height > limit:
                 raise _TooLarge(img.size)
             try:
-                rgb = _convert(img, notes)
+                pixels = _convert(img, notes, channels)
             except UserError as err:
                 raise UserError(f"{name}: {err}") from None
-    return _loaded(rgb, notes)
+    return _loaded(pixels, notes)
 
 
 @contextmanager
@@ -243,8 +263,8 @@ def _recorded_warnings(notes: list[str]) -> Iterator[None]:
                     notes.append(f"decoder warning: {text}")
 
 
-def _convert(img: Image.Image, notes: list[str]) -> np.ndarray:
-    """Decode an opened image and convert it to (H,W,3) float32 RGB in [0, 1].
+def _convert(img: Image.Image, notes: list[str], channels: int = 3) -> np.ndarray:
+    """Decode an opened image and convert it to (H,W,C) float32 in [0, 1]: L, RGB or RGBA for C = 1, 3, 4.
 
     Raises UserError with a message that does not name the file (callers add it).
     """
@@ -265,18 +285,21 @@ def _convert(img: Image.Image, notes: list[str]) -> np.ndarray:
         notes.append(f"first of {frames} frames used")
     try:
         img = _apply_exif_orientation(img, notes)
-        return _to_rgb_array(img, source_bits, notes)
+        if channels == 1:
+            return _to_gray_array(img, source_bits, notes)
+        return _to_rgb_array(img, source_bits, notes, keep_alpha=channels == 4)
     except UserError:
         raise
     except MemoryError:
         raise UserError(f"not enough memory to convert this {img.width}×{img.height} image") from None
     except Exception as err:
-        raise UserError(f"cannot convert {img.mode} image to RGB ({first_line(err, with_type=True)})") from None
+        raise UserError(f"cannot convert {img.mode} image to {image_mode(channels)} "
+                        f"({first_line(err, with_type=True)})") from None
 
 
-def _loaded(rgb: np.ndarray, notes: list[str]) -> LoadedImage:
-    tensor = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous().mul_(2).sub_(1)
-    return LoadedImage(tensor=tensor, size=(rgb.shape[1], rgb.shape[0]), notes=notes)
+def _loaded(pixels: np.ndarray, notes: list[str]) -> LoadedImage:
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous().mul_(2).sub_(1)
+    return LoadedImage(tensor=tensor, size=(pixels.shape[1], pixels.shape[0]), notes=notes)
 
 
 def _source_bits(img: Image.Image) -> int:
@@ -320,72 +343,3 @@ def _apply_exif_orientation(img: Image.Image, notes: list[str]) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         notes.append(f"EXIF rotation applied (orientation {orientation})")
     return img
-
-
-def _to_rgb_array(img: Image.Image, source_bits: int, notes: list[str]) -> np.ndarray:
-    """Any Pillow mode → (H,W,3) float32 RGB in [0, 1], recording what was done in ``notes``."""
-    mode = img.mode
-    if mode.startswith("I;16"):
-        gray = np.asarray(img).astype(np.float32) / 65535.0
-        notes.append("16-bit grayscale converted to RGB (full precision kept)")
-        return _gray_to_rgb(gray)
-    if mode == "I":
-        return _gray_to_rgb(_int_to_unit(np.asarray(img), source_bits, notes))
-    if mode == "F":
-        return _gray_to_rgb(_float_to_unit(np.asarray(img, dtype=np.float32), notes))
-
-    if source_bits > 8:
-        notes.append(f"{source_bits}-bit input reduced to 8-bit")
-    if mode == "1":
-        notes.append("1-bit black-and-white converted to RGB")
-    elif mode in ("L", "LA", "La"):
-        notes.append("grayscale converted to RGB")
-    elif mode in ("P", "PA"):
-        notes.append("palette converted")
-    elif mode == "CMYK":
-        notes.append("CMYK converted to RGB")
-    elif mode in ("YCbCr", "HSV"):
-        notes.append(f"{mode} converted to RGB")
-    elif mode == "LAB":
-        notes.append("CIELAB converted to sRGB")  # Pillow's convert() goes through littlecms for LAB
-    elif mode not in ("RGB", "RGBA", "RGBa", "RGBX"):
-        raise UserError(f"unsupported colour mode {mode!r}")
-
-    if mode in _ALPHA_MODES or "transparency" in img.info:
-        if mode == "La":  # premultiplied grey+alpha: Pillow only converts it to LA
-            img = img.convert("LA")
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3:]
-        if (alpha < 1).any():
-            notes.append("alpha composited on white")
-        return np.ascontiguousarray(rgba[..., :3] * alpha + (1.0 - alpha))  # "over" a white background
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[..., None], 3, axis=2)
-
-
-def _int_to_unit(values: np.ndarray, source_bits: int, notes: list[str]) -> np.ndarray:
-    """32-bit int grayscale → [0, 1], divided by the maximum of the source's bit depth."""
-    if source_bits > 8:
-        top = float(2**source_bits - 1)
-    else:  # bit depth unknown: Pillow's own "I" sources are 16-bit (see load_image)
-        top = 65535.0 if values.max(initial=0) <= 65535 else float(2**31 - 1)
-    bits = round(np.log2(top + 1))
-    notes.append(f"{bits}-bit integer grayscale converted to RGB (scaled by 1/{int(top)})")
-    return np.clip(values.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
-
-
-def _float_to_unit(values: np.ndarray, notes: list[str]) -> np.ndarray:
-    """Float grayscale → [0, 1]: taken as [0, 1] if its maximum is ≤ 1, else as 0..255 (clipped)."""
-    finite = np.isfinite(values)
-    if not finite.all():
-        values = np.where(finite, values, 0.0).astype(np.float32)
-        notes.append("non-finite values in float image replaced by 0")
-    if values.max(initial=0.0) <= 1.0:
-        notes.append("32-bit float grayscale read as [0, 1] and converted to RGB")
-    else:
-        values = values / 255.0
-        notes.append("32-bit float grayscale read as 0..255 (values above 255 clipped) and converted to RGB")
-    return np.clip(values, 0.0, 1.0).astype(np.float32)

@@ -12,7 +12,7 @@ import torch
 
 
 def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (…,3,H,W) in [-1,1] to exactly ``size`` = (H', W'); float32, clamped to [-1,1]."""
+    """Resize (…,C,H,W) in [-1,1] to exactly ``size`` = (H', W'); float32, clamped to [-1,1]."""
     import torch.nn.functional as F
 
     batched = image if image.dim() == 4 else image[None]
@@ -25,11 +25,11 @@ def resize_shorter(image: torch.Tensor, size: int) -> torch.Tensor:
     """Resize so the shorter side is exactly ``size``, aspect kept.
 
     Args:
-        image: (3,H,W) float in [-1,1].
+        image: (C,H,W) float in [-1,1].
         size: target shorter side in pixels.
 
     Returns:
-        (3,H',W') float32 in [-1,1] with ``min(H',W') == size`` (input returned as is if already so).
+        (C,H',W') float32 in [-1,1] with ``min(H',W') == size`` (input returned as is if already so).
     """
     h, w = image.shape[-2:]
     if min(h, w) == size:
@@ -74,10 +74,10 @@ def fit_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize to cover ``size`` = (H, W) with the aspect kept, then center-crop to exactly (H, W).
 
     Args:
-        image: (1,3,h,w) or (3,h,w) in [-1, 1].
+        image: (1,C,h,w) or (C,h,w) in [-1, 1].
         size: (H, W) target.
 
     Returns:
-        The same rank, (…,3,H,W) in [-1, 1].
+        The same rank, (…,C,H,W) in [-1, 1].
     """
     return center_crop(resize_to(image, cover_size(*image.shape[-2:], size)), size)

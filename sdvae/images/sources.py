@@ -2,12 +2,13 @@
 
 :func:`open_source` turns a reference (``data.train`` / ``data.val``: an image folder, a local
 ``save_to_disk`` folder, a parquet file/glob, or a Hugging Face Hub dataset name) into an
-:class:`ImageSource`: a fixed-order sequence whose ``load(i)`` decodes one image or raises
-:class:`UserError`. The order depends on the source alone (sorted relative paths, dataset row
-order), which the resumable sampling of :mod:`sdvae.train.datasets` relies on. Sources decode nothing up
-front and are picklable, so DataLoader workers can each hold a copy. Dataset sources can also carry
-other columns (captions, labels: ``open_source(..., carry=None)`` and ``extras(i)``) for derived
-datasets such as ``sdvae encode-dataset``'s; training carries none.
+:class:`ImageSource`: a fixed-order sequence whose ``load(i, channels)`` decodes one image (to the model's
+image channels: 1 grayscale, 3 RGB, 4 RGBA, see :mod:`sdvae.images.channels`) or raises :class:`UserError`.
+The order depends on the source alone (sorted relative paths, dataset row order), which the resumable
+sampling of :mod:`sdvae.train.datasets` relies on. Sources decode nothing up front and are picklable, so
+DataLoader workers can each hold a copy. Dataset sources can also carry other columns (captions, labels:
+``open_source(..., carry=None)`` and ``extras(i)``) for derived datasets such as ``sdvae encode-dataset``'s;
+training carries none.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class ImageSource(Sequence):
     def __getitem__(self, i: int) -> torch.Tensor:  # Sequence protocol; same as load
         return self.load(i)
 
-    def load(self, i: int) -> torch.Tensor:
-        """Decode image ``i``.
+    def load(self, i: int, channels: int = 3) -> torch.Tensor:
+        """Decode image ``i`` with ``channels`` image channels (the model's; :func:`load_image`'s conversions).
 
         Returns:
-            (3,H,W) float32 RGB in [-1,1] at the file's own size (alpha composited on white).
+            (C,H,W) float32 in [-1,1] at the file's own size: grayscale, RGB (alpha composited on white)
+            or RGBA (alpha kept) for C = 1, 3, 4.
 
         Raises:
             UserError: the image cannot be decoded (message names it); IndexError for a bad ``i``.
@@ -126,10 +128,10 @@ class FolderSource(ImageSource):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, i: int) -> torch.Tensor:
+    def load(self, i: int, channels: int = 3) -> torch.Tensor:
         path = self.root / self.files[self._check(i)]
         try:
-            return load_image(path).tensor[0]
+            return load_image(path, channels=channels).tensor[0]
         except UserError:
             raise
         except Exception as err:  # a decoder bug on one odd file must not end a long run
@@ -190,13 +192,13 @@ class DatasetSource(ImageSource):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, i: int) -> torch.Tensor:
+    def load(self, i: int, channels: int = 3) -> torch.Tensor:
         value = self.dataset[self._check(i)][self.column]
         where = self.name(i)
         if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
             where = f"{where} ({value['path']})"
         try:
-            return _value_to_tensor(value)
+            return _value_to_tensor(value, channels)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
@@ -220,8 +222,8 @@ class DatasetSource(ImageSource):
         return f"dataset:{len(self)}:{self.dataset._fingerprint}"
 
 
-def _value_to_tensor(value: Any) -> torch.Tensor:
-    """Decode one dataset cell (encoded bytes, a path, a PIL image or an HWC array) to (3,H,W) in [-1,1]."""
+def _value_to_tensor(value: Any, channels: int = 3) -> torch.Tensor:
+    """Decode one dataset cell (encoded bytes, a path, a PIL image or an HWC array) to (C,H,W) in [-1,1]."""
     if isinstance(value, dict):  # datasets.Image(decode=False) storage, or a raw {bytes, path} struct
         if value.get("bytes"):
             value = value["bytes"]
@@ -230,22 +232,22 @@ def _value_to_tensor(value: Any) -> torch.Tensor:
         else:
             raise UserError("empty image cell")
     if isinstance(value, str):
-        return load_image(value).tensor[0]
+        return load_image(value, channels=channels).tensor[0]
     if isinstance(value, (bytes, bytearray, memoryview)):
         with Image.open(io.BytesIO(value)) as img:
-            return _pil_to_tensor(img)
+            return _pil_to_tensor(img, channels)
     if isinstance(value, Image.Image):
-        return _pil_to_tensor(value)
+        return _pil_to_tensor(value, channels)
     if isinstance(value, (np.ndarray, list)):
-        return _pil_to_tensor(Image.fromarray(np.asarray(value)))
+        return _pil_to_tensor(Image.fromarray(np.asarray(value)), channels)
     if value is None:
         raise UserError("empty image cell")
     raise UserError(f"image cell of unsupported type {type(value).__name__}")
 
 
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """An opened PIL image → (3,H,W) float32 RGB in [-1,1], with exactly ``load_image``'s conversions."""
-    return image_to_tensor(img).tensor[0]
+def _pil_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:
+    """An opened PIL image → (C,H,W) float32 in [-1,1], with exactly ``load_image``'s conversions."""
+    return image_to_tensor(img, channels).tensor[0]
 
 
 def _load_hf(loader: Any, ref: str, what: str) -> Any:

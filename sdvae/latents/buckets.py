@@ -9,8 +9,9 @@ micro-conditioning (original size, crop box, target size) comes with every row.
 
 Sets (:func:`bucket_set`):
 
-* ``--buckets N`` (e.g. 256, 512, 1024): area ≈ N² and sides multiples of ``step`` (64 by default;
-  it must be a multiple of the VAE's downsampling factor, so every latent side is whole). For every
+* ``--buckets N`` (e.g. 256, 512, 1024): area ≈ N² and sides multiples of ``step`` (by default about
+  N/16, SDXL's 64 at 1024: :func:`default_bucket_step`; it must be a multiple of the VAE's downsampling
+  factor, so every latent side is whole). For every
   width ``w = step·k``, the height is the largest multiple of ``step`` with ``h·w ≤ N²`` (SDXL's rule),
   and the set is made symmetric by adding every transposed size; sizes with an aspect ratio beyond
   4:1 either way are left out. So every area lies in ``(N² − step·max_side, N²]``; the set's
@@ -91,6 +92,16 @@ class BucketSet:
                 "assignment": "nearest aspect ratio (width/height) in log space; resize to cover, then crop"}
 
 
+def default_bucket_step(side: int, factor: int) -> int:
+    """The side step of ``--buckets N`` when ``--bucket-step`` is not given: about N/16 (SDXL's 64 at 1024),
+    rounded to a multiple of the downsampling factor, at least the factor.
+
+    The relative spacing of the set then stays the same at every N (largest aspect-ratio gap about 0.15
+    in log space); a fixed 64 at N = 256 has nothing between 1:1 and 5:3.
+    """
+    return max(factor, round(side / 16 / factor) * factor)
+
+
 def make_buckets(side: int, step: int = 64, max_ratio: float = MAX_RATIO) -> BucketSet:
     """The generated set of area ≈ side² (see the module docstring for the rule).
 
@@ -108,13 +119,16 @@ def make_buckets(side: int, step: int = 64, max_ratio: float = MAX_RATIO) -> Buc
     return BucketSet(str(side), tuple(sorted(sizes, key=lambda s: (s[1] / s[0], s[0]))), area, step)
 
 
-def bucket_set(spec: str, factor: int, step: int = 64) -> BucketSet:
+def bucket_set(spec: str, factor: int, step: int | None = None) -> BucketSet:
     """``--buckets SPEC``: ``sdxl`` or an area side N; checked against the downsampling factor.
+
+    Args:
+        step: ``--bucket-step``; None: :func:`default_bucket_step` (ignored by ``sdxl``, whose step is 64).
 
     Raises:
         UserError: an unknown name, or a step that is not a multiple of ``factor``.
     """
-    if step % factor:
+    if step is not None and step % factor:
         raise UserError(f"--bucket-step {step} is not a multiple of the downsampling factor {factor}")
     if spec == "sdxl":
         if 64 % factor:
@@ -125,10 +139,10 @@ def bucket_set(spec: str, factor: int, step: int = 64) -> BucketSet:
         side = int(spec)
     except ValueError:
         raise UserError(f"--buckets must be sdxl or an area side such as 256 or 1024, got {spec!r}") from None
-    return make_buckets(side, step)
+    return make_buckets(side, default_bucket_step(side, factor) if step is None else step)
 
 
-def bucket_options(buckets: str | None, step: int, hflip: str, resolution: int, crop: str,
+def bucket_options(buckets: str | None, step: int | None, hflip: str, resolution: int, crop: str,
                    factor: int) -> BucketSet | None:
     """Check encode-dataset's ``--buckets``/``--bucket-step``/``--hflip`` against its other options.
 
@@ -173,12 +187,12 @@ def crop_to_bucket(image: torch.Tensor, bucket: Sequence[int], crop: str,
     """Resize an image to cover ``bucket`` = (H, W) (aspect kept), then crop it to exactly (H, W).
 
     Args:
-        image: (3,h,w) float in [-1,1].
+        image: (C,h,w) float in [-1,1].
         bucket: the (H, W) bucket (see :meth:`BucketSet.assign`).
         crop: ``center`` or ``random`` (offsets drawn from ``generator``).
 
     Returns:
-        (pixels (3,H,W) float32, resized size [h', w'], crop box [top, left, H, W] in the resized image).
+        (pixels (C,H,W) float32, resized size [h', w'], crop box [top, left, H, W] in the resized image).
     """
     bh, bw = int(bucket[0]), int(bucket[1])
     rh, rw = cover_size(*image.shape[-2:], (bh, bw))

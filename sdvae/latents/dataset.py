@@ -14,13 +14,14 @@ from torch.utils.data import Dataset as TorchDataset
 from sdvae.errors import UserError
 from sdvae.latents.flips import flip_columns, flipped_crop_box
 from sdvae.latents.format import read_dataset_meta, stored_to_tensor
-from sdvae.latents.scaling import scale_latents
+from sdvae.latents.scaling import latent_normalization, scale_latents
+from sdvae.model.family import is_flux2
 from sdvae.seeding import seeded_generator
 
 
 def _scaling_config(scaling: Mapping[str, Any] | str | os.PathLike[str] | None,
                     meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolve LatentDataset's ``scaling`` argument to a config mapping for :func:`scale_latents`."""
+    """Resolve LatentDataset's ``scaling`` argument to a normalisation mapping for :func:`scale_latents`."""
     if scaling is None:
         return dict(meta["scaling"])
     if isinstance(scaling, Mapping):
@@ -31,7 +32,8 @@ def _scaling_config(scaling: Mapping[str, Any] | str | os.PathLike[str] | None,
         cfg = folder / "vae" / "config.json"
     if not cfg.is_file():
         raise UserError(f"{scaling}: no config.json to take the latent scaling from")
-    return json.loads(cfg.read_text())
+    config = json.loads(cfg.read_text())
+    return latent_normalization(cfg.parent) if is_flux2(config) else config  # FLUX.2: BN stats from the weights
 
 
 class LatentDataset(TorchDataset):
@@ -63,8 +65,11 @@ class LatentDataset(TorchDataset):
         scaled: apply the scaling (False: the VAE decoder's space, e.g. to decode a row).
         sample: draw from the posterior when logvar is stored (False: use the mean).
         scaling: the scaling config to apply: a mapping with ``scaling_factor``/``shift_factor``/
-            ``latents_mean``/``latents_std`` (e.g. ``vae.config`` or what ``sdvae latent-stats`` wrote),
-            a diffusers folder or config.json path, or None for the scaling in force at encode time.
+            ``latents_mean``/``latents_std`` (e.g. ``vae.config`` or what ``sdvae latent-stats`` wrote) or
+            :func:`~sdvae.latents.scaling.latent_normalization` of a model, a diffusers folder or config.json
+            path (FLUX.2: its BatchNorm statistics are read from the weights), or None for the
+            normalisation in force at encode time (recorded with FLUX.2's statistics). FLUX.2 latents come
+            out patchified: (4C, h/2, w/2).
         columns: carried columns to return (None: all of them).
         flip: ``random``, ``always`` or ``never`` use the mirrored copies of ``--hflip both``.
     """
@@ -78,6 +83,7 @@ class LatentDataset(TorchDataset):
         self.meta = read_dataset_meta(self.path)
         self.seed, self.scaled, self.epoch = seed, scaled, 0
         self.scaling = _scaling_config(scaling, self.meta)
+        self._patched = scaled and is_flux2(self.scaling)  # FLUX.2 items are (4C, h/2, w/2)
         self.sample = sample and "logvar" in self.meta["latent_columns"]
         ds = datasets.load_from_disk(str(self.path))
         carried = list(self.meta.get("carried_columns", []))
@@ -106,7 +112,10 @@ class LatentDataset(TorchDataset):
         return len(self._rest)
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """Every row's latent shape (C, h, w), in row order: what :class:`BucketBatchSampler` groups by."""
+        """Every row's latent shape as served (C, h, w; scaled FLUX.2: (4C, h/2, w/2)), in row order: what
+        :class:`BucketBatchSampler` groups by."""
+        if self._patched:
+            return [(c * 4, h // 2, w // 2) for c, h, w in self._rest["shape"]]
         return [tuple(s) for s in self._rest["shape"]]
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,15 +1,6 @@
 """``sdvae encode-dataset``: encode an image collection into a latent dataset, resumably, on N processes.
 
-Layout of the output folder ``OUT`` (a ``datasets`` dataset: ``datasets.load_from_disk(OUT)``)::
-
-    sdvae_encode_args.json      the arguments that define the output (written first; a rerun must match)
-    data/shard-00000.arrow      rows of inputs [0, S), Arrow IPC stream (S = --shard-size)
-    data/shard-00000.skipped.json   unreadable inputs of that shard (only when there are some)
-    data/shard-00000.rgbfit.json    that shard's sums for the preview map's least-squares fit
-    ...
-    skipped.txt                 every unreadable input: ``name<TAB>reason`` (one line each)
-    dataset_info.json, state.json   what ``datasets.load_from_disk`` reads
-    sdvae_latents.json          dataset-level metadata (written last: present = complete)
+The output's layout and format: :mod:`sdvae.latents.format`.
 
 Why it is exact under ``kill -9``:
 
@@ -46,14 +37,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sdvae.atomic import write_json
 from sdvae.errors import UserError
+from sdvae.images.channels import describe_channels, model_channels
 from sdvae.images.resize import center_offsets, crop_offsets, resize_shorter
 from sdvae.images.sources import ImageSource
 from sdvae.latents.buckets import BucketSet, bucket_options, crop_to_bucket, variant_identity, variant_meta
 from sdvae.latents.flips import row_latents, with_flips
-from sdvae.latents.format import ARROW_DTYPES, DATASET_FORMAT
-from sdvae.latents.preview import rgb_fit_sums
-from sdvae.latents.shards import (
+from sdvae.latents.format import (
+    ARROW_DTYPES,
+    DATASET_FORMAT,
     FIXED_COLUMNS,
     build_features,
     check_arguments,
@@ -62,14 +55,16 @@ from sdvae.latents.shards import (
     rgb_fit_path,
     shard_path,
     skip_path,
-    write_json,
     write_shard,
 )
-from sdvae.model.info import SCALING_KEYS, latent_space_hash, weights_hash
+from sdvae.latents.preview import rgb_fit_sums
+from sdvae.latents.scaling import latent_normalization
+from sdvae.model.info import config_dict, latent_space_hash, weights_hash
 from sdvae.progress import Progress
 from sdvae.seeding import seeded_generator
 
 STORES = ("mean_logvar", "mean", "sample")
+BUCKET_SUMMARY_KEYS = ("name", "area", "step", "spacing_log_ratio")  # of BucketSet.describe(), in the summary
 CROPS = ("center", "random", "none")
 # Test hook: seconds to sleep after each batch, so a test can kill a run mid-shard deterministically.
 
@@ -97,7 +92,7 @@ class EncodeOptions:
     carry: tuple[str, ...] | None = None
     seed: int = 0
     buckets: str | None = None  # aspect-ratio buckets: "sdxl" or an area side ("256"); see latents.buckets
-    bucket_step: int = 64
+    bucket_step: int | None = None  # None: about 1/16 of the bucket side (latents.buckets.default_bucket_step)
     hflip: str = "none"  # "both": also store the latents of the mirrored image (latents.flips)
     device: str | None = None
     cache_dir: str | None = None
@@ -125,7 +120,7 @@ def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: i
     """Resize and crop one image for encoding.
 
     Args:
-        image: (3,H,W) float32 in [-1,1].
+        image: (C,H,W) float32 in [-1,1].
         resolution: shorter side after resizing (bicubic, antialiased; 0: keep the size).
         crop: ``center``/``random``: a resolution×resolution crop; ``none``: keep the whole image except
             for the (< factor) pixels that make a side not a multiple of ``factor``, trimmed evenly.
@@ -133,11 +128,12 @@ def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: i
         generator: draws the ``random`` crop offsets.
 
     Returns:
-        (pixels (3,h,w) float32 in [-1,1], resized size [H', W'], crop box [top, left, h, w] in the
+        (pixels (C,h,w) float32 in [-1,1], resized size [H', W'], crop box [top, left, h, w] in the
         resized image).
 
     Raises:
-        UserError: the image is smaller than one latent cell (``crop none`` only).
+        UserError: the image is smaller than one latent cell (``crop none`` only); the message has no
+            file name (the caller adds it).
     """
     if resolution:
         image = resize_shorter(image, resolution)
@@ -145,7 +141,7 @@ def crop_for_encoding(image: torch.Tensor, resolution: int, crop: str, factor: i
     if crop == "none":
         ch, cw = h - h % factor, w - w % factor
         if not ch or not cw:
-            raise UserError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor})")
+            raise UserError(f"image is {w}×{h} pixels, smaller than one latent cell of this model ({factor}×{factor})")
         top, left = center_offsets(h, w, (ch, cw))
     else:
         ch = cw = resolution
@@ -158,9 +154,9 @@ class _Items(Dataset):
     """Input index → ``{"index", "key", "name", "pixels" | "error", sizes, "crop_box", "extras"}``."""
 
     def __init__(self, source: ImageSource, resolution: int, crop: str, factor: int, seed: int,
-                 buckets: BucketSet | None = None):
+                 buckets: BucketSet | None = None, channels: int = 3):
         self.source, self.resolution, self.crop, self.factor, self.seed = source, resolution, crop, factor, seed
-        self.buckets = buckets
+        self.buckets, self.channels = buckets, channels  # channels: the model's (1, 3 or 4)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -169,15 +165,19 @@ class _Items(Dataset):
         src = self.source
         item: dict[str, Any] = {"index": index, "key": src.key(index), "name": src.name(index)}
         try:
-            image = src.load(index)
-            generator = seeded_generator(self.seed, "encode-crop", index) if self.crop == "random" else None
+            image = src.load(index, self.channels)  # its errors name the input
+        except UserError as err:  # unreadable: reported, never fatal
+            item["error"] = str(err)
+            return item
+        generator = seeded_generator(self.seed, "encode-crop", index) if self.crop == "random" else None
+        try:
             if self.buckets is not None:
                 item["bucket"] = list(self.buckets.assign(*image.shape[-2:]))
                 pixels, resized, box = crop_to_bucket(image, item["bucket"], self.crop, generator)
             else:
                 pixels, resized, box = crop_for_encoding(image, self.resolution, self.crop, self.factor, generator)
-        except UserError as err:  # unreadable: reported, never fatal
-            item["error"] = str(err)
+        except UserError as err:  # e.g. smaller than one latent cell: skipped like an unreadable input
+            item["error"] = f"{item['name']}: {err}"
             return item
         item.update(pixels=pixels, original_size=[int(s) for s in image.shape[-2:]], resized_size=resized,
                     crop_box=box, extras=src.extras(index))
@@ -188,7 +188,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a batch in the worker, one stack per image size (sizes differ only with ``--crop none``).
 
     Returns:
-        ``{"groups": [((b,3,h,w) float32 in [-1,1], [item without pixels] * b), ...], "items": every
+        ``{"groups": [((b,C,h,w) float32 in [-1,1], [item without pixels] * b), ...], "items": every
         item of the batch (input order), "first": the batch's first input index}``.
     """
     groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
@@ -248,10 +248,10 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _dataset_meta(opts: EncodeOptions, identity: dict[str, Any], source: ImageSource, config: dict[str, Any],
+def _dataset_meta(opts: EncodeOptions, identity: dict[str, Any], source: ImageSource, vae: Any,
                   factor: int) -> dict[str, Any]:
     """The dataset-level metadata (``sdvae_latents.json`` and the dataset info's description)."""
-    crop = identity["crop"]
+    crop, config = identity["crop"], config_dict(vae)
     return {
         "format": DATASET_FORMAT, "source": source.describe(), "src": identity["src"], "num_inputs": len(source),
         "model": opts.model, "config_hash": identity["config_hash"], "arch_hash": latent_space_hash(config),
@@ -261,13 +261,14 @@ def _dataset_meta(opts: EncodeOptions, identity: dict[str, Any], source: ImageSo
                           if opts.resolution else "none (each image at its own size)",
                           "trim": "whole image; sides trimmed (centred) to multiples of the downsampling factor"
                           if crop == "none" else None,
-                          "input_range": "[-1,1] RGB; alpha composited on white; EXIF rotation applied"},
+                          "input_range": f"[-1,1], {describe_channels(model_channels(config))}; EXIF rotation "
+                          "applied"},
         "store": opts.store, "dtype": opts.dtype, "latent_columns": latent_columns(opts.store, opts.hflip),
         "storage": f"flat lists of {ARROW_DTYPES[opts.dtype]}, reshaped by the row's `shape` (C,h,w)"
         + (" (raw bfloat16 bit patterns)" if opts.dtype == "bf16" else ""),
         "carried_columns": list(source.carry), "sizes": "[height, width]; crop_box [top, left, height, width] "
         "in the resized image",
-        "scaled": False, "scaling": {k: config.get(k) for k in SCALING_KEYS},
+        "scaled": False, "scaling": latent_normalization(vae),  # FLUX.2: with its BatchNorm statistics
     }
 
 
@@ -284,13 +285,14 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         UserError: bad arguments, an unusable source/model, or an output made with other arguments.
     """
     from sdvae.codec.codec import Codec
+    from sdvae.device import resolve_device
     from sdvae.images.sources import open_source
     from sdvae.model.dtypes import resolve_dtype
-    from sdvae.model.info import config_dict, config_hash, downsample_factor
+    from sdvae.model.info import config_hash, downsample_factor, scaled_factor
     from sdvae.model.load import load_vae
 
     rank, world, local_rank = dist_env()
-    device = opts.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(opts.device, local_rank)
     opts = dataclasses.replace(opts, dtype=resolve_dtype(opts.dtype, device))  # "auto" → what this device runs
     crop = opts.crop or ("center" if opts.resolution or opts.buckets else "none")
     if crop not in CROPS or opts.store not in STORES:
@@ -305,9 +307,11 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         raise UserError(f"{opts.src}: column(s) {', '.join(clash)} would clash with output columns; "
                         "leave them out with --carry")
     vae = load_vae(opts.model)
-    factor, config = downsample_factor(vae), config_dict(vae)
+    # Sides are multiples of the scaled-latent cell: 16 for FLUX.2 (its latents are patchified 2×2).
+    factor, channels = scaled_factor(vae), model_channels(vae.config)
     if crop != "none" and opts.resolution % factor:
-        raise UserError(f"--resolution {opts.resolution} is not a multiple of the downsampling factor {factor}")
+        raise UserError(f"--resolution {opts.resolution} is not a multiple of the downsampling factor {factor}"
+                        + (" (8, then FLUX.2's 2x2 latent patches)" if factor != downsample_factor(vae) else ""))
     buckets = bucket_options(opts.buckets, opts.bucket_step, opts.hflip, opts.resolution, crop, factor)
     local_src = Path(opts.src).expanduser()
     num_inputs = len(source)
@@ -321,7 +325,7 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     out = Path(opts.out)
     check_arguments(out, identity)
     features = build_features(opts.store, opts.dtype, source.extra_features(), opts.hflip, buckets is not None)
-    meta = variant_meta(_dataset_meta(opts, identity, source, config, factor), buckets, opts.hflip)
+    meta = variant_meta(_dataset_meta(opts, identity, source, vae, downsample_factor(vae)), buckets, opts.hflip)
 
     num_shards = identity["num_shards"]
     mine = list(range(rank, num_shards, world))
@@ -334,9 +338,9 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
                                "shards_done_before": len(mine) - len(pending), "shards_encoded": 0,
                                "encoded": 0, "unreadable": 0}
     codec = Codec(vae, device=device, dtype=opts.dtype, tile="auto")
-    dataset = _Items(source, opts.resolution, crop, factor, opts.seed, buckets)
+    dataset = _Items(source, opts.resolution, crop, factor, opts.seed, buckets, channels)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=opts.num_workers,
-                        prefetch_factor=4 if opts.num_workers else None, pin_memory=device.startswith("cuda"))
+                        prefetch_factor=4 if opts.num_workers else None, pin_memory=device.type == "cuda")
     total = sum(len(b) for b in batches)
     bar = Progress(total, f"encode (rank {rank}/{world})" if world > 1 else "encode",
                    enabled=opts.progress and rank == 0 and bool(total))
@@ -365,6 +369,8 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
         summary.update(rows=final["rows"], skipped=final["skipped"])
         if "bucket_histogram" in final:
             summary["buckets"] = final["bucket_histogram"]
+    if buckets is not None:
+        summary["bucket_set"] = {k: v for k, v in buckets.describe().items() if k in BUCKET_SUMMARY_KEYS}
     else:
         summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(num_shards))
     return summary
@@ -398,7 +404,7 @@ def _encode_loop(batches: Iterator[dict[str, Any]], codec: Any, opts: EncodeOpti
             if "error" in item:
                 skipped[k].append({"index": item["index"], "name": item["name"], "reason": item["error"]})
                 if summary["unreadable"] < 20:
-                    bar.write(f"sdvae: skipping unreadable {item['error']}")
+                    bar.write(f"sdvae: skipping {item['error']}")
                 summary["unreadable"] += 1
             else:
                 rows[k].append(item)

@@ -33,7 +33,7 @@ def flip_columns(columns: Sequence[str]) -> list[str]:
 
 
 def with_flips(pixels: torch.Tensor, hflip: str) -> torch.Tensor:
-    """The batch to encode: (b,3,h,w), followed by its mirror images when ``hflip`` is ``both``."""
+    """The batch to encode: (b,C,h,w), followed by its mirror images when ``hflip`` is ``both``."""
     return torch.cat([pixels, pixels.flip(-1)]) if hflip == "both" else pixels
 
 

@@ -3,8 +3,9 @@
 Which map ``sdvae decode --preview`` uses (:func:`preview_rgb_map`), in order:
 
 1. the map fitted when the dataset was encoded (``preview_rgb`` in ``sdvae_latents.json``): least squares
-   of the input pixels, area-averaged to latent resolution, on the posterior means and a bias
-   (:func:`rgb_fit_sums`, :func:`solve_rgb_map`);
+   of the input pixels' RGB view (:func:`sdvae.images.channels.rgb_view`: a grayscale model's pixels repeated
+   to grey RGB, an RGBA model's colour channels without alpha), area-averaged to latent resolution, on the
+   posterior means and a bias (:func:`rgb_fit_sums`, :func:`solve_rgb_map`);
 2. SD 1.x/2.x's published coefficients (:data:`SD_LATENT_RGB`), for models in SD 1.x/2.x's latent
    space only (:func:`is_sd_latent_space`);
 3. otherwise an arbitrary channel→colour map (:func:`channel_rgb_matrix`), with a note saying so.
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
+
+from sdvae.model.family import is_flux2
 
 # Linear map from scaled (diffusion-space) SD-style 4-channel latents to RGB in about [-1, 1]: the
 # coefficients widely used for SD 1.x/2.x live previews (e.g. ComfyUI's ``latent_rgb_factors``).
@@ -100,6 +103,8 @@ def preview_rgb_map(config: Mapping[str, Any], fitted: Mapping[str, Any] | None 
         return RgbMap(torch.tensor(fitted["weight"], dtype=torch.float32),
                       torch.tensor(fitted["bias"], dtype=torch.float32), "fitted")
     channels = int(config["latent_channels"])
+    if is_flux2(config):  # its normalisation is per 2x2 patch position, not per channel: map the VAE's latents
+        return RgbMap(channel_rgb_matrix(channels), torch.zeros(3), "arbitrary")
     if is_sd_latent_space(config):
         return RgbMap(*_unscaled(torch.tensor(SD_LATENT_RGB, dtype=torch.float32), config), "sd")
     return RgbMap(*_unscaled(channel_rgb_matrix(channels), config), "arbitrary")
@@ -113,17 +118,20 @@ def rgb_fit_sums(latents: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Ten
 
     Args:
         latents: (B,C,h,w) unscaled latents (e.g. posterior means).
-        pixels: (B,3,H,W) the encoded pixels in [-1, 1], H = h·f and W = w·f.
+        pixels: (B,C,H,W) the encoded pixels in [-1, 1] (C 1, 3 or 4: fitted on their RGB view), H = h·f and
+            W = w·f.
 
     Returns:
         ((C+1,C+1), (C+1,3)) float64 tensors on the CPU.
     """
     import numpy as np
 
+    from sdvae.images.channels import rgb_view
+
     # numpy's einsum (without optimize) and reductions run on one thread in a fixed order, so the sums do
     # not depend on the thread count of the process (ranks under torchrun run with 1): resumes stay exact.
     lat = latents.detach().to("cpu", torch.float64).numpy()
-    pix = pixels.detach().to("cpu", torch.float64).numpy()
+    pix = rgb_view(pixels.detach()).to("cpu", torch.float64).numpy()
     b, c, h, w = lat.shape
     fh, fw = pix.shape[-2] // h, pix.shape[-1] // w
     if pix.shape[-2:] != (h * fh, w * fw):

@@ -12,6 +12,10 @@ What is measured (``over``):
   E[z] = E[mean] and Var[z] = Var[mean] + E[σ²] (law of total variance over images and positions).
 * ``mean``: the stored posterior means only (smaller std: the posterior noise is left out).
 * ``sample``: the stored draws of ``--store sample`` (an estimate of ``posterior`` with noise).
+
+For a FLUX.2 dataset the channels are those of the 2×2-patchified latents (4C, what FLUX.2's BatchNorm
+normalises; patchifying only regroups values, so the moments stay exact), and ``--write-config`` writes
+them into the BatchNorm running buffers of the weights (:func:`write_bn_statistics`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdvae.atomic import atomic_file
+from sdvae.atomic import write_json
 from sdvae.errors import UserError
 from sdvae.latents.format import read_dataset_meta, stored_to_tensor
+from sdvae.model.family import is_flux2
 
 OVER = ("auto", "posterior", "mean")
 ROWS_PER_STEP = 64  # rows converted to float64 at once: bounds memory for large latents
@@ -57,6 +62,7 @@ class LatentStats:
     mean: float
     std: float
     buckets: dict[str, int] | None = None
+    patchified: bool = False  # FLUX.2: channels of the 2×2-patchified latents (4C)
 
     @property
     def scaling_factor(self) -> float:
@@ -106,8 +112,16 @@ class _Moments:
                            grand, math.sqrt(total_var))
 
 
-def _blocks(path: Path, columns: list[str], dtype: str) -> Iterator[list[np.ndarray]]:
-    """Yield, per group of rows of equal shape, each column's values as (C, M) float64."""
+def _channels_first(t: torch.Tensor, patch: bool) -> np.ndarray:
+    """(n, C, h, w) → (C', n·h'·w') float64, C' = 4C after FLUX.2's 2×2 patchify when ``patch``."""
+    from sdvae.latents.scaling import patchify
+
+    t = patchify(t.double()) if patch else t.double()
+    return t.transpose(0, 1).reshape(t.shape[1], -1).numpy()
+
+
+def _blocks(path: Path, columns: list[str], dtype: str, patch: bool = False) -> Iterator[list[np.ndarray]]:
+    """Yield, per group of rows of equal shape, each column's values as (C, M) float64 (patchified: (4C, M))."""
     import pyarrow as pa
 
     state = json.loads((path / "state.json").read_text())
@@ -124,9 +138,7 @@ def _blocks(path: Path, columns: list[str], dtype: str) -> Iterator[list[np.ndar
                         ends = np.cumsum([0] + [math.prod(s) for s in shapes])
                         runs = [(s, 1, [f[ends[i]:ends[i + 1]] for f in flats]) for i, s in enumerate(shapes)]
                     for shape, n, values in runs:
-                        c = shape[0]
-                        yield [stored_to_tensor(v, dtype, (n, c, -1)).double().numpy().transpose(1, 0, 2)
-                               .reshape(c, -1) for v in values]
+                        yield [_channels_first(stored_to_tensor(v, dtype, (n, *shape)), patch) for v in values]
 
 
 def compute_latent_stats(path: str | os.PathLike[str], over: str = "auto") -> LatentStats:
@@ -152,19 +164,20 @@ def compute_latent_stats(path: str | os.PathLike[str], over: str = "auto") -> La
     if over == "mean" and store == "sample":
         raise UserError(f"{folder}: holds posterior samples (--store sample), not means; use --over auto")
     columns = ["mean", "logvar"] if over == "posterior" else [meta["latent_columns"][0]]
+    patch = meta["scaling"].get("family") == "flux2"
     moments: _Moments | None = None
-    for values in _blocks(folder, columns, meta["dtype"]):
+    for values in _blocks(folder, columns, meta["dtype"], patch):
         if moments is None:
             moments = _Moments(values[0].shape[0])
         moments.add(values[0], np.exp(values[1]) if over == "posterior" else None)
     if moments is None:
         raise UserError(f"{folder}: the dataset has no rows to measure")
     stats = moments.result(over, int(meta["rows"]))
-    stats.buckets = meta.get("bucket_histogram")
+    stats.buckets, stats.patchified = meta.get("bucket_histogram"), patch
     return stats
 
 
-def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> LatentStats:
+def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]], patch: bool = False) -> LatentStats:
     """The ``posterior`` statistics of ``sdvae latent-stats`` for posteriors held in memory.
 
     Same definition and the same exact float64 merge as :func:`compute_latent_stats` (which reads an
@@ -172,6 +185,7 @@ def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> 
 
     Args:
         posteriors: ``(mean, logvar)`` pairs of (B, C, h, w) tensors (any float dtype/device).
+        patch: measure the 2×2-patchified channels (FLUX.2's BatchNorm statistics).
 
     Raises:
         UserError: no posterior given.
@@ -179,15 +193,16 @@ def posterior_stats(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> 
     moments: _Moments | None = None
     rows = 0
     for mean, logvar in posteriors:
-        c = mean.shape[1]
-        flat = [t.detach().double().cpu().transpose(0, 1).reshape(c, -1).numpy() for t in (mean, logvar)]
+        flat = [_channels_first(t.detach().cpu(), patch) for t in (mean, logvar)]
         if moments is None:
-            moments = _Moments(c)
+            moments = _Moments(flat[0].shape[0])
         moments.add(flat[0], np.exp(flat[1]))
         rows += mean.shape[0]
     if moments is None:
         raise UserError("no latents to measure")
-    return moments.result("posterior", rows)
+    stats = moments.result("posterior", rows)
+    stats.patchified = patch
+    return stats
 
 
 def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
@@ -216,6 +231,10 @@ def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
         config = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+    if stats.patchified or is_flux2(config):
+        raise UserError(f"{path}: FLUX.2 statistics and models take their normalisation from the BatchNorm "
+                        "buffers (write_bn_statistics), not config.json" if stats.patchified else
+                        f"{path}: is a FLUX.2 VAE but the statistics are of an unpatchified dataset")
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise UserError(f"{path}: is a {config.get('_class_name')} config, not an AutoencoderKL one")
     channels = config.get("latent_channels")
@@ -230,6 +249,59 @@ def write_scaling_config(folder: str | os.PathLike[str], stats: LatentStats,
     else:
         updates = {"scaling_factor": stats.scaling_factor, "latents_mean": None, "latents_std": None}
     config.update(updates)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    write_json(path, config)
     return path, updates
+
+
+def write_bn_statistics(folder: str | os.PathLike[str], stats: LatentStats) -> tuple[Path, dict[str, Any]]:
+    """Write FLUX.2's patchified per-channel mean and variance into a FLUX.2 folder's BatchNorm buffers.
+
+    ``bn.running_mean`` = the channel means and ``bn.running_var`` = the channel variances (population),
+    in the weights file's own dtype; every other tensor and ``config.json`` stay as they are. The weights
+    file is rewritten atomically (a new copy replaces it). ``Flux2Pipeline`` and
+    :func:`sdvae.latents.scaling.scale_latents` then give those latents mean 0 and std
+    sqrt(var / (var + batch_norm_eps)) ≈ 1 per channel.
+
+    Returns:
+        (the weights file written, ``{"bn.running_mean": [...], "bn.running_var": [...]}``).
+
+    Raises:
+        UserError: not a FLUX.2 folder, statistics not patchified, or another channel count.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdvae.atomic import atomic_file
+
+    base = Path(folder)
+    base = base.parent if base.name == "config.json" else base
+    base = base / "vae" if not (base / "config.json").is_file() and (base / "vae" / "config.json").is_file() else base
+    config_path, weights = base / "config.json", base / "diffusion_pytorch_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise UserError(f"{folder}: no config.json + diffusion_pytorch_model.safetensors; pass a diffusers folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{config_path}: not valid JSON ({err})") from None
+    if not is_flux2(config):
+        raise UserError(f"{config_path}: not a FLUX.2 (AutoencoderKLFlux2) model, but the statistics are of "
+                        "FLUX.2's patchified latents")
+    if not stats.patchified:
+        raise UserError(f"{folder}: is a FLUX.2 VAE but the statistics are of an unpatchified dataset")
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    except Exception as err:  # damaged or not safetensors
+        raise UserError(f"{weights}: not a readable .safetensors file ({str(err).splitlines()[0][:120]})") from None
+    old = tensors.get("bn.running_mean")
+    if old is None or "bn.running_var" not in tensors:
+        raise UserError(f"{weights}: has no bn.running_mean/bn.running_var to write into")
+    if old.numel() != len(stats.channel_mean):
+        raise UserError(f"{weights}: the BatchNorm has {old.numel()} channels, the statistics "
+                        f"{len(stats.channel_mean)}")
+    var = [sd * sd for sd in stats.channel_std]
+    tensors["bn.running_mean"] = torch.tensor(stats.channel_mean, dtype=torch.float64).to(old.dtype)
+    tensors["bn.running_var"] = torch.tensor(var, dtype=torch.float64).to(tensors["bn.running_var"].dtype)
+    with atomic_file(weights) as tmp:
+        save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
+    return weights, {"bn.running_mean": stats.channel_mean, "bn.running_var": var}

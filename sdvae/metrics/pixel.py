@@ -18,10 +18,10 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     PNG, so reconstructions are quantized before comparison.
 
     Args:
-        images: (B,3,H,W) in [-1, 1] (values outside are clamped).
+        images: (B,C,H,W) in [-1, 1] (values outside are clamped).
 
     Returns:
-        (B,3,H,W) float32 in [0, 1], multiples of 1/255.
+        (B,C,H,W) float32 in [0, 1], multiples of 1/255.
     """
     out = images.float().clamp(-1, 1)  # a fresh tensor: the rest is in place (one full-size copy in all)
     return out.add_(1).mul_(127.5).round_().div_(255.0)
@@ -39,7 +39,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image.
 
     Args:
-        a, b: (B,3,H,W) in [0, 1].
+        a, b: (B,C,H,W) in [0, 1], any channel count (MSE over all channels).
 
     Returns:
         (B,) PSNR in dB (``inf`` for identical images).
@@ -54,10 +54,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Structural similarity per image (mean over the RGB channels and the image).
+    """Structural similarity per image (mean over all channels, e.g. RGB or RGBA, and the image).
 
     Args:
-        a, b: (B,3,H,W) in [0, 1]; each side must be at least 11 pixels (the window).
+        a, b: (B,C,H,W) in [0, 1]; each side must be at least 11 pixels (the window).
 
     Returns:
         (B,) SSIM in [-1, 1].

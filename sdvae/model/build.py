@@ -1,48 +1,55 @@
-"""Building AutoencoderKL instances: presets with seeded weights, given weights, regrouped norms, added depth."""
+"""Building VAEs (AutoencoderKL or AutoencoderKLFlux2): presets with seeded weights, given weights, regrouped
+norms, added depth."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from sdvae.errors import UserError
+from sdvae.model.family import build
 from sdvae.model.info import config_dict
 from sdvae.model.presets import PRESETS
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
     import torch
-    from diffusers import AutoencoderKL
+
+    from sdvae.model.family import VAE
 
 
-def build_preset(name: str, seed: int = 0) -> AutoencoderKL:
+def build_preset(name: str, seed: int = 0, image_channels: int = 0) -> VAE:
     """Build a preset with a seeded random initialisation (same seed, same weights, on any machine).
 
     Args:
         name: a key of :data:`PRESETS`.
         seed: seed for the weight initialisation.
+        image_channels: if positive, the model's ``in_channels`` and ``out_channels`` (e.g. 1 for a
+            grayscale, 4 for an RGBA VAE); 0 keeps the preset's (3, RGB).
     """
     import torch
-    from diffusers import AutoencoderKL
 
     if name not in PRESETS:
         raise UserError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    config = dict(PRESETS[name].config)
+    if image_channels:
+        config.update(in_channels=image_channels, out_channels=image_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(**PRESETS[name].config)
+        vae = build(config)
     return vae.eval()
 
 
-def with_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> AutoencoderKL:
-    """An AutoencoderKL of ``config`` holding exactly ``state_dict``'s tensors (no random init first)."""
+def with_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> VAE:
+    """A VAE of ``config`` (its class: :func:`sdvae.model.family.vae_class`) holding exactly ``state_dict``'s
+    tensors (no random init first)."""
     import torch
-    from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**config)
+        vae = build(config)
     vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae
 
 
-def regroup_norms(vae: AutoencoderKL, groups: int) -> AutoencoderKL:
+def regroup_norms(vae: VAE, groups: int) -> VAE:
     """The same weights with every GroupNorm using ``groups`` groups (a new model; ``vae`` is untouched).
 
     GroupNorm's affine parameters are per channel, so the weights fit any group count that divides
@@ -65,7 +72,7 @@ def regroup_norms(vae: AutoencoderKL, groups: int) -> AutoencoderKL:
     return with_weights({**config_dict(vae), "norm_num_groups": groups}, weights).train(vae.training)
 
 
-def deepen(vae: AutoencoderKL, layers_per_block: int, seed: int = 0) -> AutoencoderKL:
+def deepen(vae: VAE, layers_per_block: int, seed: int = 0) -> VAE:
     """The same function with more ResNet layers per block (a new model; ``vae`` is untouched).
 
     Every encoder and decoder block gets ResNet layers appended after its own until it has the new
@@ -83,7 +90,6 @@ def deepen(vae: AutoencoderKL, layers_per_block: int, seed: int = 0) -> Autoenco
         UserError: ``layers_per_block`` is less than ``vae``'s (layers are never removed).
     """
     import torch
-    from diffusers import AutoencoderKL
 
     old = vae.config.layers_per_block
     if layers_per_block < old:
@@ -91,7 +97,7 @@ def deepen(vae: AutoencoderKL, layers_per_block: int, seed: int = 0) -> Autoenco
                         "only added, never removed")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = AutoencoderKL(**{**config_dict(vae), "layers_per_block": layers_per_block})
+        out = build({**config_dict(vae), "layers_per_block": layers_per_block})
     # strict=False for the new layers only: every old layer keeps its name, so nothing is unexpected
     missing = out.load_state_dict(vae.state_dict(), strict=False).missing_keys
     layers = {key.rsplit(".", 2)[0] for key in missing}  # "decoder.up_blocks.0.resnets.2.conv1.weight" → layer

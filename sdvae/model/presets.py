@@ -1,9 +1,15 @@
-"""The one registry of named AutoencoderKL architectures with their latent scaling."""
+"""The one registry of named VAE architectures (AutoencoderKL; FLUX.2's AutoencoderKLFlux2) and their scaling."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# The embedded checkpoint: real trained weights shipped inside the package (package data, so editable and
+# wheel installs both have it; the repository's checkpoints/sdvae-tiny-f8c4 is a symlink to this folder).
+# The default model of every command; its model card is the folder's README.md.
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "sdvae-tiny-f8c4"
 
 _SD_BLOCKS = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -19,11 +25,12 @@ _SD_BLOCKS = {
 
 @dataclass(frozen=True)
 class Preset:
-    """A named AutoencoderKL architecture with its latent scaling.
+    """A named VAE architecture with its latent scaling.
 
     Attributes:
         description: one line for ``sdvae info`` and ``--help``.
-        config: keyword arguments for ``diffusers.AutoencoderKL``.
+        config: keyword arguments for ``diffusers.AutoencoderKL``, or for ``diffusers.AutoencoderKLFlux2``
+            when it has FLUX.2's BatchNorm keys (:func:`sdvae.model.family.is_flux2`).
     """
 
     description: str
@@ -50,6 +57,11 @@ PRESETS: dict[str, Preset] = {
         "FLUX.1 VAE (16 latent channels, no quant convs)",
         {**_SD_BLOCKS, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611,
          "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False},
+    ),
+    "flux2": Preset(
+        "FLUX.2 VAE (32 latent channels; 2x2 patchify + BatchNorm statistics to 128 channels at f16)",
+        {**_SD_BLOCKS, "latent_channels": 32, "sample_size": 1024, "batch_norm_eps": 1e-4,
+         "batch_norm_momentum": 0.1, "patch_size": [2, 2]},
     ),
     "tiny": Preset(
         "small f8c4 VAE that trains on 2 CPU cores (the embedded checkpoint's, with 1 of its 2 layers per block)",

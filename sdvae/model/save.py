@@ -9,11 +9,21 @@ from typing import TYPE_CHECKING
 
 from sdvae.errors import UserError
 from sdvae.model.dtypes import torch_dtype
+from sdvae.model.flux2_keys import split_flux2, to_original
 from sdvae.model.ldm_keys import diffusers_to_ldm
 from sdvae.model.single_file import CONFIG_METADATA_KEY
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
-    from diffusers import AutoencoderKL
+    import torch
+
+    from sdvae.model.family import VAE
+
+
+def cast_weights(vae: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU copies of the state dict with floating tensors in ``dtype`` (counters such as FLUX.2's
+    ``bn.num_batches_tracked`` keep their integer type)."""
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in vae.state_dict().items()}
 
 
 def check_ldm_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -28,11 +38,12 @@ def check_ldm_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return out
 
 
-def write_ldm(vae: AutoencoderKL, path: str | os.PathLike[str], dtype: str = "fp32",
+def write_ldm(vae: VAE, path: str | os.PathLike[str], dtype: str = "fp32",
               overwrite: bool = False) -> Path:
     """Write the model as one LDM-keyed ``.safetensors`` file, atomically.
 
-    The file is written atomically (:func:`sdvae.atomic.atomic_file`). The full
+    The file is written atomically (:func:`sdvae.atomic.atomic_file`). A FLUX.2 VAE is written in the
+    layout of FLUX.2's own release (``bn.*``, ``encoder.quant_conv``; :mod:`sdvae.model.flux2_keys`). The full
     config is stored in the file's metadata (key :data:`CONFIG_METADATA_KEY`) so that
     :func:`read_single_file` restores what shapes cannot tell; other readers ignore it. The file loads
     with ``AutoencoderKL.from_single_file(path, config=<diffusers folder>)``.
@@ -54,8 +65,10 @@ def write_ldm(vae: AutoencoderKL, path: str | os.PathLike[str], dtype: str = "fp
 
     out = check_ldm_target(path, overwrite)
     target = torch_dtype(dtype)
-    weights = {k: v.detach().to("cpu", target).contiguous() for k, v in vae.state_dict().items()}
+    weights, bn = split_flux2(cast_weights(vae, target))
     ldm = diffusers_to_ldm(weights)
+    if bn is not None:
+        ldm = to_original(ldm, bn)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_dict(vae), sort_keys=True)}
     with atomic_file(out) as tmp:
         save_file(ldm, tmp, metadata=metadata)
@@ -65,7 +78,7 @@ def write_ldm(vae: AutoencoderKL, path: str | os.PathLike[str], dtype: str = "fp
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def save_diffusers(vae: AutoencoderKL, out: str | os.PathLike[str], dtype: str = "fp32",
+def save_diffusers(vae: VAE, out: str | os.PathLike[str], dtype: str = "fp32",
                    overwrite: bool = False) -> Path:
     """Write a diffusers folder (config.json + diffusion_pytorch_model.safetensors) atomically.
 
@@ -90,6 +103,5 @@ def save_diffusers(vae: AutoencoderKL, out: str | os.PathLike[str], dtype: str =
         # Written by hand rather than with save_pretrained so the model is not cast in place; this is
         # exactly the layout from_pretrained reads.
         vae.save_config(tmp)
-        weights = {k: v.detach().to("cpu", target).contiguous() for k, v in vae.state_dict().items()}
-        save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(cast_weights(vae, target), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     return out_path

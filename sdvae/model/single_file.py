@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdvae.errors import UserError, first_line
+from sdvae.model.family import is_flux2
 from sdvae.model.file_checks import check_safetensors
+from sdvae.model.flux2_keys import check_bn, split_flux2
 from sdvae.model.ldm_keys import diffusers_to_ldm, infer_config_from_ldm, ldm_to_diffusers, name_keys
 
 if TYPE_CHECKING:  # torch/diffusers load lazily so importing this module stays cheap
@@ -114,8 +116,9 @@ def _config_from_metadata(metadata: dict[str, str], inferred: dict[str, Any]) ->
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels"):
         if key in recorded and recorded[key] != inferred[key]:
             return {}
-    taken = {k: recorded[k] for k in ("act_fn", "scaling_factor", "shift_factor", "latents_mean", "latents_std",
-                                      "force_upcast", "sample_size") if k in recorded}
+    keys = (("act_fn", "sample_size", "batch_norm_eps", "batch_norm_momentum") if is_flux2(inferred) else
+            ("act_fn", "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size"))
+    taken = {k: recorded[k] for k in keys if k in recorded}
     groups = recorded.get("norm_num_groups")
     if isinstance(groups, int) and groups > 0 and all(c % groups == 0 for c in inferred["block_out_channels"]):
         taken["norm_num_groups"] = groups
@@ -134,9 +137,12 @@ def read_single_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
     Args:
         path: the file.
 
+    FLUX.2's original layout (``bn.*`` statistics, quant convs inside encoder/decoder) is read too
+    (:mod:`sdvae.model.flux2_keys`); the config is then an ``AutoencoderKLFlux2`` one.
+
     Returns:
-        (AutoencoderKL kwargs inferred from the tensor shapes, diffusers-keyed state dict). Files
-        written by :func:`write_ldm` also give back their group count, activation and scaling.
+        (AutoencoderKL/AutoencoderKLFlux2 kwargs inferred from the tensor shapes, diffusers-keyed state
+        dict). Files written by :func:`write_ldm` also give back their group count, activation and scaling.
 
     Raises:
         UserError: the file is missing, unreadable, unsafe, or holds no (complete) AutoencoderKL;
@@ -160,11 +166,15 @@ def read_single_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
         raise UserError(f"{path}: no VAE weights found (no encoder.*/decoder.* keys, "
                         f"with or without a {' or '.join(VAE_PREFIXES)} prefix)")
     try:
+        state_dict, bn = split_flux2(state_dict)  # FLUX.2's BatchNorm and inner quant convs (flux2_keys)
         in_diffusers_naming = any(marker in k for k in state_dict for marker in _DIFFUSERS_MARKERS)
         ldm = diffusers_to_ldm(state_dict) if in_diffusers_naming else state_dict
         # Always going through LDM validates every key and shape and normalises old attention names.
         diffusers = ldm_to_diffusers(ldm)
         config = infer_config_from_ldm(ldm)
+        if bn is not None:
+            config = check_bn(bn, config)
+            diffusers.update(bn)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     config.update(_config_from_metadata(metadata, config))

@@ -61,6 +61,15 @@ class ModelConfig:
     # > 0: add ResNet layers to every block of `init` up to this many, each starting as the identity
     # (sdvae.model.build.deepen): more capacity for a trained model without starting from scratch
     layers_per_block: int = 0
+    # image channels (sdvae.images.channels): 1 grayscale, 3 RGB, 4 RGBA (alpha kept). A preset `init` is
+    # built with this many; a folder or file must already have them. 0: the init's own (presets: 3)
+    image_channels: int = 0
+
+    def __post_init__(self) -> None:
+        """Checked on construction too (configs built in code never reach the YAML loader)."""
+        if self.image_channels not in (0, 1, 3, 4):
+            raise UserError(f"model.image_channels: must be 0 (the init's own), 1 (grayscale), 3 (RGB) or 4 (RGBA), "
+                            f"got {self.image_channels}")
 
 
 @dataclass

@@ -4,8 +4,8 @@ A killed-and-resumed run sees exactly the batches of an uninterrupted one, whate
 processes or DataLoader workers, because each piece is deterministic on its own:
 
 * the images come from an :class:`~sdvae.images.sources.ImageSource` (:func:`~sdvae.images.sources.open_source`
-  in :mod:`sdvae.images.sources`): a fixed-order sequence whose ``load(i)`` decodes one image or raises
-  :class:`UserError`.
+  in :mod:`sdvae.images.sources`): a fixed-order sequence whose ``load(i, channels)`` decodes one image (to
+  the model's image channels: 1 grayscale, 3 RGB, 4 RGBA) or raises :class:`UserError`.
 * :class:`~sdvae.train.sampler.ResumableSampler` decides *which* images each process gets at each step: a pure function
   of (seed, step, rank), so resuming is "start at step k", not "replay the RNG".
 * :class:`TrainDataset` decides *how* each image is cropped/flipped: a pure function of
@@ -70,7 +70,7 @@ class TrainDataset(Dataset):
     def __init__(self, source: ImageSource, resolution: int, resize: int = 0,
                  crop: Literal["random", "center"] = "random", flip: bool = True, seed: int = 0,
                  indices: Sequence[int] | None = None, max_retries: int = 8, mosaic: int = 1,
-                 mosaic_grids: Sequence[int] = (), color_cast: float = 0.0):
+                 mosaic_grids: Sequence[int] = (), color_cast: float = 0.0, channels: int = 3):
         """
         Args:
             source: where images come from.
@@ -87,6 +87,7 @@ class TrainDataset(Dataset):
                 (uniformly over entries; a repeated entry is drawn more often).
             color_cast: probability in [0, 1] that an item gets a random whole-item colour transform
                 (see :meth:`cast`).
+            channels: the model's image channels (1 grayscale, 3 RGB, 4 RGBA): what ``source.load`` decodes to.
         """
         if resolution <= 0:
             raise UserError(f"data.resolution must be positive, got {resolution}")
@@ -101,7 +102,7 @@ class TrainDataset(Dataset):
         self.crop, self.flip, self.seed, self.max_retries = crop, flip, seed, max_retries
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.mosaic, self.mosaic_grids = mosaic, tuple(mosaic_grids)
-        self.color_cast = color_cast
+        self.color_cast, self.channels = color_cast, channels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -117,12 +118,13 @@ class TrainDataset(Dataset):
         """Item (epoch, k)'s colour cast, drawn from its own generator (identity when not drawn).
 
         Args:
-            pixels: (3,R,R) float32 in [-1,1], the assembled item.
+            pixels: (C,R,R) float32 in [-1,1], the assembled item.
             epoch, k: the item's key.
 
         Returns:
-            (3,R,R) float32 in [-1,1]: ``clip(luma + s·(pixels − luma) + offset)`` with s log-uniform in
-            [0.5, 2] and a per-channel offset uniform in [-0.4, 0.4], or ``pixels`` itself.
+            (C,R,R) float32 in [-1,1]: ``clip(luma + s·(rgb − luma) + offset)`` with s log-uniform in
+            [0.5, 2] and a per-channel offset uniform in [-0.4, 0.4], or ``pixels`` itself. RGBA: the same on
+            the colour channels, alpha untouched; grayscale: the first offset only (a brightness shift).
         """
         if self.color_cast <= 0.0:
             return pixels
@@ -133,19 +135,23 @@ class TrainDataset(Dataset):
         offset = (torch.rand(3, generator=gen) * 2 - 1) * 0.4
         if not apply:
             return pixels
-        luma = (pixels * _LUMA.view(3, 1, 1)).sum(0, keepdim=True)
-        return (luma + saturation * (pixels - luma) + offset.view(3, 1, 1)).clamp(-1.0, 1.0)
+        if pixels.shape[0] == 1:
+            return (pixels + offset[0]).clamp(-1.0, 1.0)
+        rgb = pixels[:3]
+        luma = (rgb * _LUMA.view(3, 1, 1)).sum(0, keepdim=True)
+        cast = (luma + saturation * (rgb - luma) + offset.view(3, 1, 1)).clamp(-1.0, 1.0)
+        return torch.cat([cast, pixels[3:]]) if pixels.shape[0] > 3 else cast
 
     def augment(self, image: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
         """Resize/crop/flip one image.
 
         Args:
-            image: (3,H,W) float in [-1,1].
+            image: (C,H,W) float in [-1,1].
             generator: the item's private generator.
             size: crop side (default: the dataset's resolution R).
 
         Returns:
-            (3,size,size) float32 in [-1,1], contiguous.
+            (C,size,size) float32 in [-1,1], contiguous.
         """
         r = size or self.resolution
         image = _prepare(image, r, self.resize)
@@ -164,7 +170,7 @@ class TrainDataset(Dataset):
         """One training item.
 
         Returns:
-            ``{"pixels": (3,R,R) float32 in [-1,1] or None if unreadable, "index": source index (of the
+            ``{"pixels": (C,R,R) float32 in [-1,1] or None if unreadable, "index": source index (of the
             top-left tile for a mosaic), "skipped": [(name, message), ...] failures met on the way}``.
         """
         epoch, k = key if isinstance(key, tuple) else (0, key)
@@ -190,7 +196,7 @@ class TrainDataset(Dataset):
               skipped: list[tuple[str, str]]) -> tuple[torch.Tensor | None, int]:
         """Slot 0: the keyed image; other slots (mosaic tiles): partners drawn from (seed, epoch, k, slot).
 
-        Returns ((3,size,size) crop or None when every attempt failed, source index); failures are
+        Returns ((C,size,size) crop or None when every attempt failed, source index); failures are
         appended to ``skipped``.
         """
         pick = None if slot == 0 else seeded_generator(self.seed, "mosaic", epoch, k, slot)
@@ -202,7 +208,7 @@ class TrainDataset(Dataset):
                     pick = seeded_generator(self.seed, "replace", epoch, k)
                 index = self.indices[int(torch.randint(len(self.indices), (1,), generator=pick))]
             try:
-                image = self.source.load(index)
+                image = self.source.load(index, self.channels)
             except UserError as err:
                 skipped.append((self.source.name(index), str(err)))
                 continue
@@ -215,16 +221,17 @@ class TrainDataset(Dataset):
 class ValDataset(Dataset):
     """Deterministic validation crops: same ``resize`` rule as training, then a center R×R crop.
 
-    Items are ``{"pixels": (3,R,R) float32 in [-1,1] or None, "index": source index, "skipped": [...]}``;
+    Items are ``{"pixels": (C,R,R) float32 in [-1,1] or None, "index": source index, "skipped": [...]}``;
     unreadable images are dropped by :func:`collate` (no replacement: validation must not change set).
     With ``mosaic=m``, item k is the m×m grid of the center (R/m)² crops of images ``k·m² … k·m²+m²−1``
     (so there are ``len(indices) // m²`` items).
     """
 
     def __init__(self, source: ImageSource, resolution: int, resize: int = 0, indices: Sequence[int] | None = None,
-                 mosaic: int = 1):
+                 mosaic: int = 1, channels: int = 3):
         _check_mosaic(resolution, mosaic)
         self.source, self.resolution, self.resize, self.mosaic = source, resolution, resize, mosaic
+        self.channels = channels  # the model's image channels (what source.load decodes to)
         self.indices = list(range(len(source))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -236,7 +243,7 @@ class ValDataset(Dataset):
         tiles = []
         for index in self.indices[k * m * m:(k + 1) * m * m]:
             try:
-                image = self.source.load(index)
+                image = self.source.load(index, self.channels)
             except UserError as err:
                 return {"pixels": None, "index": index, "skipped": [(self.source.name(index), str(err))]}
             tiles.append(center_crop(_prepare(image, size, self.resize), size).float())

@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
 
+from sdvae.device import cuda_available
 from sdvae.errors import UserError
 from sdvae.train.config import RunConfig, config_to_dict
 
@@ -53,7 +54,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         raise UserError("log.with=wandb: wandb is not installed (pip install wandb), or use log.with=tensorboard")
     return Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
-        cpu=not torch.cuda.is_available(),
+        cpu=not cuda_available(),
         mixed_precision=cfg.train.mixed_precision,  # None: accelerate launch flag / config file / env
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         log_with=TRACKERS[cfg.log.with_],
@@ -100,7 +101,7 @@ def start_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
 
 
 def log_image(accelerator: Accelerator, tag: str, image: torch.Tensor, step: int) -> None:
-    """Send a (3,H,W) [0,1] image to every started tracker that takes images."""
+    """Send a (C,H,W) [0,1] image (C 3, or 4 for RGBA) to every started tracker that takes images."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image(tag, image, step)

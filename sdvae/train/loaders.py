@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from sdvae.device import cuda_available
 from sdvae.errors import UserError
 from sdvae.images.sources import open_source
 from sdvae.seeding import seeded_generator
@@ -57,7 +58,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     Runs inside DataLoader workers, so skip information travels in the batch for the main process.
 
     Returns:
-        ``{"pixels": (B',3,R,R) float32 in [-1,1] (None if no item was readable),
+        ``{"pixels": (B',C,R,R) float32 in [-1,1] (None if no item was readable),
         "index": (B',) int64 source indices, "skipped": number of failed loads,
         "skipped_files": [(name, message), ...]}``.
     """
@@ -141,7 +142,7 @@ class DataInfo:
 
 def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                       start_step: int = 0, skip_log_path: str | Path | None = None,
-                      cache_dir: str | None = None) -> tuple[DataLoader, DataLoader, DataInfo]:
+                      cache_dir: str | None = None, channels: int = 3) -> tuple[DataLoader, DataLoader, DataInfo]:
     """Training and validation loaders as configured.
 
     Args:
@@ -153,10 +154,11 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
             loader continues with exactly the next one.
         skip_log_path: where to append unreadable-file lines (None: log only).
         cache_dir: ``datasets`` cache folder (None: default).
+        channels: the model's image channels (1 grayscale, 3 RGB, 4 RGBA): what images are decoded to.
 
     Returns:
         ``(train_loader, val_loader, info)``. The train loader is infinite and yields
-        ``{"pixels": (B,3,R,R) in [-1,1], "index": (B,), "skipped": int, "skipped_files": [...]}``;
+        ``{"pixels": (B,C,R,R) in [-1,1], "index": (B,), "skipped": int, "skipped_files": [...]}``;
         the val loader is finite (center crops, batches of up to B, possibly zero batches).
 
     Raises:
@@ -175,19 +177,20 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
         val_desc = f"{cfg.val_count} held out of train"
 
     train_ds = TrainDataset(train_source, cfg.resolution, cfg.resize, cfg.crop, cfg.flip, seed, train_idx,
-                            mosaic=cfg.mosaic, mosaic_grids=cfg.mosaic_grids, color_cast=cfg.color_cast)
+                            mosaic=cfg.mosaic, mosaic_grids=cfg.mosaic_grids, color_cast=cfg.color_cast,
+                            channels=channels)
     # Stream mode (no dropped tail): every image is used equally and tiny datasets still work.
     sampler = ResumableSampler(len(train_ds), batch_size, seed, rank, world_size, drop_last=False,
                                start_step=start_step)
     skip_log = SkipLog(skip_log_path)
     workers = max(0, cfg.num_workers)
-    pin = torch.cuda.is_available()
+    pin = cuda_available()
     # Private generators: starting an iterator draws a base seed, which must not come from (and
     # advance) the global torch RNG, or a resumed run's global RNG would run one draw ahead.
     train_loader = SkipLoggingLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                      persistent_workers=workers > 0, pin_memory=pin, skip_log=skip_log,
                                      require_pixels=True, generator=seeded_generator(seed, "train-loader"))
-    val_ds = ValDataset(val_source, cfg.resolution, cfg.resize, val_idx, mosaic=cfg.mosaic)
+    val_ds = ValDataset(val_source, cfg.resolution, cfg.resize, val_idx, mosaic=cfg.mosaic, channels=channels)
     # Validation runs rarely; workers are started per pass instead of idling between passes.
     val_loader = SkipLoggingLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                    num_workers=min(workers, math.ceil(len(val_ds) / batch_size)),
@@ -198,8 +201,9 @@ def build_dataloaders(cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
 
 
 def latent_stats_loader(cfg: DataConfig, batch_size: int, seed: int, train_count: int = 64,
-                        cache_dir: str | None = None) -> DataLoader:
-    """Center crops of the validation images plus a fixed sample of ``train_count`` training images.
+                        cache_dir: str | None = None, channels: int = 3) -> DataLoader:
+    """Center crops of the validation images plus a fixed sample of ``train_count`` training images
+    (decoded to ``channels``, the model's image channels).
 
     What the final encoder's latent statistics (its ``scaling_factor``) are measured on: the sample is
     drawn with its own seeded generator (the same images in every run with this seed and data), never
@@ -216,7 +220,7 @@ def latent_stats_loader(cfg: DataConfig, batch_size: int, seed: int, train_count
         train_idx, val_idx = split_validation(len(train_source), cfg.val_count)
     order = torch.randperm(len(train_idx), generator=seeded_generator(seed, "latent-stats")).tolist()
     sample = sorted(train_idx[i] for i in order[:train_count])
-    data = ConcatDataset([ValDataset(val_source, cfg.resolution, cfg.resize, val_idx),
-                          ValDataset(train_source, cfg.resolution, cfg.resize, sample)])
+    data = ConcatDataset([ValDataset(val_source, cfg.resolution, cfg.resize, val_idx, channels=channels),
+                          ValDataset(train_source, cfg.resolution, cfg.resize, sample, channels=channels)])
     return SkipLoggingLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0,
                              skip_log=SkipLog(None))

@@ -11,7 +11,7 @@ Reduction convention (read this before changing a weight)
 ---------------------------------------------------------
 LDM sums every per-pixel term over ``C·H·W`` and averages over the batch (so its loss grows with the
 image size), and adds ``kl_weight`` times the KL in nats per image. Here **every term is LDM's divided
-by the number of image elements** ``D = 3·H·W``::
+by the number of image elements** ``D = C·H·W`` (C image channels, 3 for RGB)::
 
     nll   = recon_weight·mean|x − x̂|  (or mean (x − x̂)²)  + lpips_weight·mean LPIPS(x, x̂)
     nll   = nll / exp(s) + s                                 (only with learned_logvar; s scalar)
@@ -22,7 +22,7 @@ the batch) and ``mean`` is over batch and all pixels. Because the total is exact
 LDM's hyper-parameters keep their meaning (``kl_weight=1e-6``, ``lpips_weight=1``, adaptive
 ``disc_weight=0.5``) at every resolution, while the numbers stay O(1) (readable logs, a meaningful
 ``grad_clip``). Adding ``KL`` un-normalised to a per-element mean instead would weight the KL
-``3·H·W`` times (≈2·10⁵ at 256²) more than LDM does. The logged ``kl`` is in nats per image (what LDM
+``C·H·W`` times (≈2·10⁵ at 256² RGB) more than LDM does. The logged ``kl`` is in nats per image (what LDM
 logs), ``kl_bpd`` the same in bits per image dimension.
 
 Adversarial weight: with ``disc_adaptive_weight`` (LDM),
@@ -35,6 +35,10 @@ adversarial gradient all but vanishes). Without it ``λ = disc_weight`` relative
 Learned log-variance: LDM defines ``nll = rec / exp(s) + s`` with a learnable scalar ``s`` but its
 ``configure_optimizers`` never gives ``s`` to an optimizer, so in LDM's code it stays at ``s = 0``
 (``nll = rec``). ``learned_logvar=True`` really learns it (via :meth:`VAELoss.trainable_parameters`).
+
+Image channels other than RGB (:mod:`sdvae.images.channels`): the reconstruction, KL and PatchGAN terms take
+all C channels; LPIPS, an RGB network, sees the RGB view (a grayscale image repeated to three channels, an
+RGBA image without its alpha), so an RGBA model's alpha is learned from the other terms.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sdvae.images.channels import rgb_view
 from sdvae.metrics.information import bits_per_dim, gaussian_kl
 from sdvae.metrics.lpips import build_lpips, lpips_distance
 from sdvae.train.discriminator import NLayerDiscriminator, Norm, generator_adv_loss, hinge_d_loss, vanilla_d_loss
@@ -196,6 +201,7 @@ class VAELoss(nn.Module):
         disc_norm: discriminator normalisation, ``"batch"`` (LDM's, synchronised under DDP), ``"group"``
             or ``"none"``; None: ``cfg.disc_norm``.
         logvar_init: initial value of the learned log-variance (LDM: 0).
+        image_channels: the VAE's image channels C (1, 3 or 4): what the discriminator judges.
     """
 
     def __init__(
@@ -207,6 +213,7 @@ class VAELoss(nn.Module):
         disc_ndf: int = 64,
         disc_norm: Norm | None = None,
         logvar_init: float = 0.0,
+        image_channels: int = 3,
     ) -> None:
         super().__init__()
         self.cfg = cfg  # validated where it is defined (LossConfig)
@@ -222,7 +229,8 @@ class VAELoss(nn.Module):
             self.register_parameter("logvar", None)
         self.discriminator: nn.Module | None = None
         if cfg.disc_weight > 0:
-            self.discriminator = NLayerDiscriminator(3, disc_ndf, cfg.disc_layers, disc_norm or cfg.disc_norm)
+            self.discriminator = NLayerDiscriminator(image_channels, disc_ndf, cfg.disc_layers,
+                                                     disc_norm or cfg.disc_norm)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -292,15 +300,15 @@ class VAELoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for the VAE (and logvar) update.
 
-        ``total = nll + kl_weight·KL/D + λ·G_adv`` (see the module docstring; D = 3·H·W). Terms whose
+        ``total = nll + kl_weight·KL/D + λ·G_adv`` (see the module docstring; D = C·H·W). Terms whose
         weight is 0 are left out of the graph (their value is still logged). The discriminator is
         frozen while it judges ``recon``: its parameters get no gradient from this loss (so a
         ``discriminator_loss`` backward in the same iteration is not contaminated), while ``recon``
         does receive the adversarial gradient.
 
         Args:
-            images: (B, 3, H, W) targets in [-1, 1].
-            recon: (B, 3, H, W) reconstructions, attached to the VAE's graph.
+            images: (B, C, H, W) targets in [-1, 1].
+            recon: (B, C, H, W) reconstructions, attached to the VAE's graph.
             posterior_mean, posterior_logvar: (B, C, h, w) posterior parameters.
             step: global optimizer step (compared with ``disc_start``).
             last_layer: the decoder's last weight (:func:`decoder_last_layer` of the unwrapped VAE);
@@ -314,7 +322,7 @@ class VAELoss(nn.Module):
             ``disc_weight``, 0 before ``disc_start``).
         """
         cfg = self.cfg
-        dims = images[0].numel()  # D = 3·H·W: converts LDM's per-image sums into per-element means
+        dims = images[0].numel()  # D = C·H·W: converts LDM's per-image sums into per-element means
         logs: dict[str, torch.Tensor | float] = {}
 
         # Reconstruction (+ perceptual): LDM's rec_loss, as a per-element mean.
@@ -323,7 +331,7 @@ class VAELoss(nn.Module):
         logs["rec"] = rec
         nll = cfg.recon_weight * rec if cfg.recon_weight > 0 else rec.new_zeros(())
         if self.lpips is not None:
-            lp = lpips_distance(self.lpips, images, recon).mean()
+            lp = lpips_distance(self.lpips, rgb_view(images), rgb_view(recon)).mean()  # RGB network
             logs["lpips"] = lp
             nll = nll + cfg.lpips_weight * lp
         if self.logvar is not None:
@@ -383,8 +391,8 @@ class VAELoss(nn.Module):
         ``disc_opt.step()`` while :meth:`disc_active` is False.
 
         Args:
-            images: (B, 3, H, W) real images in [-1, 1].
-            recon: (B, 3, H, W) reconstructions (detached here).
+            images: (B, C, H, W) real images in [-1, 1].
+            recon: (B, C, H, W) reconstructions (detached here).
             step: global optimizer step.
 
         Returns:

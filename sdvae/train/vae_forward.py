@@ -48,13 +48,13 @@ class VAEForward(nn.Module):
         """Run the VAE.
 
         Args:
-            images: (B,3,H,W) in [-1, 1], H and W multiples of the downsampling factor.
+            images: (B,C_img,H,W) in [-1, 1] (the model's image channels), H and W multiples of the factor.
             eps: (B,C,h,w) standard normal noise for the reparameterized draw
                 z = mean + exp(logvar/2)·eps; None decodes the mean. Passing the noise in (see
                 :func:`posterior_noise`) makes training independent of process count and RNG state.
 
         Returns:
-            recon (B,3,H,W) ≈ [-1,1], posterior mean (B,C,h,w), posterior logvar (B,C,h,w).
+            recon (B,C_img,H,W) ≈ [-1,1], posterior mean (B,C,h,w), posterior logvar (B,C,h,w).
         """
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean.dtype)

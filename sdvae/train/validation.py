@@ -9,8 +9,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from sdvae.atomic import atomic_file
-from sdvae.latents.stats import LatentStats, posterior_stats, write_scaling_config
+from sdvae.latents.stats import LatentStats, posterior_stats, write_bn_statistics, write_scaling_config
 from sdvae.metrics.pixel import psnr, quantize, ssim
+from sdvae.model.family import is_flux2
 
 
 @torch.no_grad()
@@ -20,12 +21,13 @@ def reconstruction_metrics(vae: AutoencoderKL, batches: Iterable[dict | torch.Te
 
     Args:
         vae: model in eval mode (fp32).
-        batches: iterable of (B,3,H,W) tensors in [-1,1] or dicts with such a ``"pixels"`` entry.
+        batches: iterable of (B,C,H,W) tensors in [-1,1] or dicts with such a ``"pixels"`` entry.
         device: where to run the model.
         max_pairs: how many (original, reconstruction) pairs to return for a preview grid.
 
     Returns:
-        ({"psnr": dB, "ssim": ..., "images": n}, [(original, recon) (3,H,W) in [0,1]] up to max_pairs).
+        ({"psnr": dB, "ssim": ..., "images": n} over all C channels, [(original, recon) (C,H,W) in [0,1]] up to
+        max_pairs).
     """
     scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": []}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -50,11 +52,12 @@ def save_comparison_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]], path: s
     """Write an original|reconstruction grid (one pair per row) as PNG, atomically.
 
     Args:
-        pairs: (original, reconstruction) images (3,H,W) in [0,1], all the same size.
+        pairs: (original, reconstruction) images (C,H,W) in [0,1], all the same size (C 1, 3 or 4).
         path: PNG destination.
 
     Returns:
-        The grid (3,H',W') in [0,1] (e.g. for TensorBoard).
+        The grid (3,H',W') in [0,1] (e.g. for TensorBoard): grayscale pairs become grey RGB (torchvision's
+        ``make_grid``); RGBA pairs give a (4,H',W') grid, written as an RGBA PNG.
     """
     from torchvision.utils import make_grid, save_image
 
@@ -70,6 +73,8 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[dict | torch.Tens
                          ) -> LatentStats:
     """Posterior latent statistics of ``vae``'s encoder over ``batches`` (``sdvae latent-stats``' math).
 
+    For a FLUX.2 VAE, of the 2×2-patchified latents (the channels its BatchNorm normalises).
+
     Args:
         vae: model in eval mode (fp32).
         batches: as for :func:`reconstruction_metrics`.
@@ -84,18 +89,22 @@ def measure_latent_stats(vae: AutoencoderKL, batches: Iterable[dict | torch.Tens
             dist = vae.encode(images.to(device, torch.float32)).latent_dist
             yield dist.mean, dist.logvar
 
-    return posterior_stats(posteriors())
+    return posterior_stats(posteriors(), patch=is_flux2(vae.config))
 
 
 def write_measured_scaling(folder: str | Path, stats: LatentStats) -> dict:
     """Write ``stats``' factors into the diffusers folder's config.json, in the form the model uses.
 
     ``scaling_factor`` always; ``shift_factor`` only if the model has one (SD3/FLUX style); per-channel
-    ``latents_mean``/``latents_std`` instead if the model uses those. Returns the keys written.
+    ``latents_mean``/``latents_std`` instead if the model uses those. For FLUX.2: the patchified channel
+    means and variances into the weights' BatchNorm running buffers (config.json unchanged). Returns the
+    keys written.
     """
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text())
+    if is_flux2(config):
+        return write_bn_statistics(folder, stats)[1]
     per_channel = config.get("latents_mean") is not None
     return write_scaling_config(folder, stats, per_channel=per_channel,
                                 shift=config.get("shift_factor") is not None)[1]

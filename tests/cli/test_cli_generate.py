@@ -64,9 +64,8 @@ def test_interpolate_size_default_documented(capsys) -> None:
         main(["interpolate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--size" in text and "default 256; 0: full resolution" in text
-    readme = (REPO / "README.md").read_text().splitlines()
-    row = next(line for line in readme if line.startswith("| `sdvae interpolate"))
-    assert "--size 256" in row and "0: full resolution" in row and "t=" in row
+    page = " ".join((REPO / "docs" / "evaluation-and-theory.md").read_text().split())
+    assert "`--size` pixels (default 256, never enlarged; 0: full resolution)" in page and "`t=0.00`" in page
 
 
 def test_interpolate_rejects_a_size_below_one_latent_cell(tmp_path: Path, capsys) -> None:

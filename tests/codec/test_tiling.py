@@ -15,13 +15,7 @@ from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
 SETTINGS = [(1 << 30, 1 << 30), (4096, 0), (100_000, 20_000)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny convs: a second thread only adds sync cost (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/codec/conftest.py
 
 
 def _untiled_encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from sdvae.errors import UserError
 from sdvae.latents.bucket_sampler import BucketBatchSampler
-from sdvae.latents.buckets import SDXL_BUCKETS, bucket_set, crop_to_bucket, make_buckets
+from sdvae.latents.buckets import SDXL_BUCKETS, bucket_set, crop_to_bucket, default_bucket_step, make_buckets
 from sdvae.seeding import seeded_generator
 
 # --- bucket sets ---------------------------------------------------------------------------------
@@ -31,6 +31,22 @@ def test_bucket_set_rules(spec: str, step: int) -> None:
     assert ratios == sorted(ratios) and min(ratios) == pytest.approx(1 / 4) and max(ratios) == pytest.approx(4)
     assert (buckets.area ** 0.5, buckets.area ** 0.5) in {(float(h), float(w)) for h, w in buckets.sizes}
     assert {(w, h) for h, w in buckets.sizes} == set(buckets.sizes) or spec == "sdxl"  # generated sets: symmetric
+
+
+@pytest.mark.parametrize(("side", "factor", "step"), [(256, 8, 16), (512, 8, 32), (768, 8, 48), (1024, 8, 64),
+                                                     (64, 8, 8), (32, 8, 8), (1024, 16, 64), (256, 16, 16),
+                                                     (384, 16, 32)])
+def test_default_step_is_about_a_sixteenth_of_the_side(side: int, factor: int, step: int) -> None:
+    assert default_bucket_step(side, factor) == step
+    assert bucket_set(str(side), factor=factor).step == step
+
+
+def test_default_step_keeps_a_4_3_photo_near_its_aspect_ratio_at_every_size() -> None:
+    for side in (256, 512, 1024):
+        bh, bw = bucket_set(str(side), factor=8).assign(600, 800)
+        assert abs(math.log(bw / bh) - math.log(4 / 3)) < 0.05  # a fixed step of 64 at 256 gave 5:3 (+25 %)
+        assert bucket_set(str(side), factor=8).spacing < 0.16
+    assert bucket_set("1024", factor=8).sizes == bucket_set("1024", factor=8, step=64).sizes  # as before at 1024
 
 
 def test_sdxl_set_is_the_published_one() -> None:

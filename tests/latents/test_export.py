@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import dataset_rows, encode_small, make_photo, shard_stats, stored_latent
+from helpers import dataset_rows, encode_small, make_photo, save_photo, shard_stats, stored_latent
 from sdvae.cli.main import main
 from sdvae.codec.codec import Codec
 from sdvae.errors import UserError
@@ -65,6 +65,41 @@ def test_folder_one_row_per_readable_input(images: Path, tmp_path: Path) -> None
         "mean", "logvar"]
     info = json.loads((out / "dataset_info.json").read_text())
     assert json.loads(info["description"])["config_hash"] == meta["config_hash"]
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A 1×1 PNG whose header claims ``width``×``height`` (no pixels allocated)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+
+
+def test_skips_name_the_file_and_advise_only_what_the_command_accepts(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    save_photo(src / "good.png", 40, 32, seed=0)
+    Image.new("RGB", (1, 1)).save(src / "dot.png")  # smaller than one latent cell
+    _png_claiming(src / "claims-huge.png", 100_000, 100_000)  # above the decompression-bomb limit
+    out = tmp_path / "out"
+
+    assert main(["encode-dataset", str(src), str(out), "--model", "test", "--dtype", "fp32", "--no-progress",
+                 "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+
+    reasons = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
+    assert sorted(reasons) == ["claims-huge.png", "dot.png"]
+    assert "dot.png" in reasons["dot.png"] and "1×1" in reasons["dot.png"]
+    assert "latent cell" in reasons["dot.png"]
+    assert "claims-huge.png" in reasons["claims-huge.png"] and "safety limit" in reasons["claims-huge.png"]
+    for name in reasons:  # the progress lines name each file too
+        assert any(name in line for line in err.splitlines() if "skipping" in line), err
+    assert "--tile" not in err and "--tile" not in "".join(reasons.values())  # encode-dataset has no --tile
 
 
 def test_dataset_sources_carry_columns(tmp_path: Path) -> None:

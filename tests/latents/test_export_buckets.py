@@ -19,6 +19,7 @@ from sdvae.latents.bucket_sampler import BucketBatchSampler
 from sdvae.latents.buckets import bucket_set, crop_to_bucket
 from sdvae.latents.dataset import LatentDataset
 from sdvae.latents.flips import flipped_crop_box
+from sdvae.latents.format import read_dataset_meta
 from sdvae.model.build import build_preset
 from sdvae.seeding import seeded_generator
 
@@ -148,3 +149,13 @@ def test_cli_buckets_and_latent_stats_histogram(mixed: Path, tmp_path: Path, cap
     assert stats["buckets"] == summary["buckets"] and stats["rows"] == len(SIZES)
     assert main(["latent-stats", str(out)]) == 0
     assert "buckets (HxW: rows): " in capsys.readouterr().out
+    assert summary["bucket_set"] == {"name": "64", "area": 64 * 64, "step": 16,
+                                     "spacing_log_ratio": round(bucket_set("64", 8, 16).spacing, 6)}
+
+
+def test_cli_default_bucket_step_scales_with_the_side_and_is_printed(mixed: Path, tmp_path: Path, capsys) -> None:
+    assert main(["encode-dataset", str(mixed), str(tmp_path / "auto"), "--model", "test", "--buckets", "128",
+                 "--num-workers", "0", "--no-progress", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "bucket set 128: sides multiples of 8, largest log aspect-ratio gap" in printed  # 128/16 = 8
+    assert read_dataset_meta(tmp_path / "auto")["buckets"]["step"] == 8

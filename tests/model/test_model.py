@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from sdvae.errors import UserError
 from sdvae.model.build import build_preset, deepen, regroup_norms
+from sdvae.model.family import vae_classes
 from sdvae.model.info import config_hash, describe, downsample_factor
 from sdvae.model.load import load_vae
 from sdvae.model.presets import PRESETS
@@ -35,7 +36,8 @@ def test_preset_config_and_seeded_init(name: str) -> None:
     """Each preset builds the diffusers model it declares, deterministically from its seed."""
     cfg = PRESETS[name].config
     a = build_preset(name, seed=1)
-    assert isinstance(a, AutoencoderKL)
+    assert isinstance(a, vae_classes()) and type(a).__name__ == ("AutoencoderKLFlux2" if name == "flux2" else
+                                                                 "AutoencoderKL")
     for key, value in cfg.items():
         got = a.config[key]
         assert (list(got) if isinstance(got, (list, tuple)) else got) == value, key
@@ -45,6 +47,7 @@ def test_preset_config_and_seeded_init(name: str) -> None:
         assert not torch.equal(a.state_dict()[w], build_preset(name, seed=2).state_dict()[w])
     facts = describe(a)
     assert facts["latent_channels"] == cfg["latent_channels"]
+    assert facts["image_channels"] == [cfg.get("in_channels", 3), cfg.get("out_channels", 3)]
     assert facts["downsampling_factor"] == 2 ** (len(cfg["block_out_channels"]) - 1) == downsample_factor(a)
     assert facts["parameters"]["total"] == sum(p.numel() for p in a.parameters())
     assert facts["parameters"]["encoder"] + facts["parameters"]["decoder"] == facts["parameters"]["total"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
 
 
 def test_gpu_check_cpu_tiny_mode_runs_every_part_and_writes_json(tmp_path: Path):

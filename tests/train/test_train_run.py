@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import REPO, make_photo
+from helpers import REPO, kill_when_written, make_photo
 
 pytestmark = pytest.mark.slow
 TRAIN = str(REPO / "tools" / "train.py")
@@ -59,15 +58,8 @@ def test_resume_is_bit_exact(images: Path, tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, *_cmd(images, resumed, *common)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = resumed / "checkpoints" / "step-00000020"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    assert marker.exists() and not (resumed / "final").exists(), "the run was not interrupted mid-way"
+    kill_when_written([sys.executable, *_cmd(images, resumed, *common)], resumed / "checkpoints" / "step-00000020",
+                      env)
     _run(_cmd(images, resumed, *common))
 
     a, b = _final(straight), _final(resumed)
