@@ -1,47 +1,56 @@
-"""Benchmarks for sdvae. One subcommand per benchmark; each prints its figures as plain text.
+"""Benchmarks for sdvae. One subcommand per benchmark; each prints its figures (markdown tables where rows compare).
 
     python tools/bench.py tiling [--size 1024] [--big 2048] [--roundtrip 2048,4096]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.5 --precisions no,bf16]
-                                [--breakdown]
+                                [--breakdown] [--disc-weight 0.5] [--peak-tflops N]
     python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
     python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
+    python tools/bench.py gpu [--out bench_gpu.json] [--data FOLDER]      # one CUDA GPU: training, inference,
+    python tools/bench.py gpu --device cpu --tiny --out check.json        # encode-dataset; CPU smoke test
 
 Every figure that is compared is measured in the same run. Peak memory is always measured in a fresh
-subprocess (the ``_decode-child`` / ``_train-child`` subcommands), so one measurement's allocations
-never inflate another's high-water mark.
+subprocess (the hidden ``_…-child`` subcommands), so one measurement's allocations never inflate another's
+high-water mark. The shared pieces (inputs, timing, memory, children, FLOPs, step recipes, tables) live in
+the ``benchkit`` package next to this script.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO))
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+for _path in (REPO, TOOLS):  # run as a script from a checkout without installing; benchkit sits next to us
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from benchkit import children, report  # noqa: E402
+
+from sdvae.device import cuda_available, resolve_device  # noqa: E402  (light: torch loads on first call)
+
+GIB = 1024**3
 
 
-def _peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set (VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource  # not Linux: ru_maxrss is in kB on Linux, bytes on macOS; only reached off Linux
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _bench_child(*argv: str) -> dict:
+    """``tools/bench.py <argv>`` in a fresh process (its own peak memory); the JSON its last line prints."""
+    return children.run_json(children.script(Path(__file__).resolve(), *argv))
 
 
-def _latents(size: int, seed: int = 0):
-    import torch
+def _throughput(row: dict, device, precision: str, peak_override: float | None) -> dict:
+    """``row`` with TFLOP/s achieved (its ``flops`` over its ``seconds``) and the share of the device's peak."""
+    from benchkit import flops
 
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 4, size // 8, size // 8, generator=gen)
+    peak, source = flops.device_peak(device, precision, peak_override)
+    tflops = flops.achieved(row.get("flops"), row.get("seconds", 0.0))
+    return row | {"tflops": tflops, "peak_tflops": peak, "peak_source": source, "share": flops.share(tflops, peak)}
+
+
+# -- tiling -----------------------------------------------------------------------------------------------
 
 
 def _decode(vae, z, mode: str):
@@ -65,91 +74,80 @@ def _decode(vae, z, mode: str):
 def cmd_decode_child(args: argparse.Namespace) -> None:
     """One decode in this (fresh) process; prints JSON {seconds, peak_rss} for the parent."""
     import torch
+    from benchkit.inputs import latents
+    from benchkit.memory import peak_rss_bytes
+    from benchkit.timing import time_calls
 
     from sdvae.model.build import build_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     vae = build_preset(args.preset)
-    z = _latents(args.size)
-    base = _peak_rss_bytes()
-    start = time.perf_counter()
-    out = _decode(vae, z, args.mode)
-    seconds = time.perf_counter() - start
+    z = latents(args.size)
+    base = peak_rss_bytes()
+    out, watch = time_calls(lambda: _decode(vae, z, args.mode), repeats=1, warmup=0)
     assert out.shape[-1] == args.size
-    print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "rss_before": base}))
+    print(json.dumps({"seconds": watch.total, "peak_rss": peak_rss_bytes(), "rss_before": base}))
 
 
-def _run_child(*argv: str) -> dict:
-    """``tools/bench.py <argv>`` in a fresh process (its own peak memory); the JSON its last line prints."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _child(mode: str, size: int, preset: str) -> dict:
-    return _run_child("_decode-child", "--mode", mode, "--size", str(size), "--preset", preset)
+def _decode_child(mode: str, size: int, preset: str) -> dict:
+    return _bench_child("_decode-child", "--mode", mode, "--size", str(size), "--preset", preset)
 
 
 def _roundtrip_child(size: int, preset: str, folder: Path) -> dict:
     """``sdvae roundtrip --tile on`` of a size² photo-like image in a fresh process: seconds, peak RSS."""
-    import numpy as np
-    from PIL import Image
+    from benchkit.inputs import write_photo
 
     image = folder / f"photo{size}.png"
     if not image.exists():  # smooth colour fields plus grain: PNG-compressible, not flat
-        rng = np.random.default_rng(size)
-        base = Image.fromarray(rng.integers(0, 256, (size // 64, size // 64, 3), dtype=np.uint8))
-        pixels = np.asarray(base.resize((size, size), Image.BICUBIC), dtype=np.int16)
-        pixels = pixels + rng.integers(-8, 9, pixels.shape, dtype=np.int16)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(image)
-    cmd = [sys.executable, "-m", "sdvae", "roundtrip", str(image), "--model", preset, "--tile", "on", "--json",
-           "-o", str(folder / f"photo{size}.recon.png")]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: ru_maxrss is its VmHWM in kB
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"sdvae roundtrip {size}² failed:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "psnr": result["psnr"], "dtype": result["dtype"]}
+        write_photo(image, size, seed=size, detail=64)
+    result = children.run([sys.executable, "-m", "sdvae", "roundtrip", str(image), "--model", preset, "--tile", "on",
+                           "--json", "-o", str(folder / f"photo{size}.recon.png")])
+    out = result.last_json()
+    return {"seconds": result.seconds, "peak_rss": result.peak_rss, "psnr": out["psnr"], "dtype": out["dtype"]}
+
+
+def _tiling_accuracy(args: argparse.Namespace) -> None:
+    from benchkit.inputs import latents
+    from benchkit.timing import time_calls
+
+    from sdvae.model.build import build_preset
+
+    vae = build_preset(args.preset)
+    z = latents(args.size)
+    results = {}
+    for mode in ("untiled", "tiled", "diffusers"):
+        out, watch = time_calls(lambda mode=mode: _decode(vae, z, mode).float(), repeats=1, warmup=0)
+        results[mode] = out
+        print(f"  {args.size}² decode {mode:>9}: {watch.total:7.1f} s", flush=True)
+    ref = results.pop("untiled")
+    for mode, out in results.items():
+        diff = (out - ref).abs() / 2  # [-1,1] -> [0,1] scale
+        name = "ours (exact tiling)" if mode == "tiled" else "diffusers enable_tiling"
+        print(f"  {args.size}² {name:>24}: max |diff| {diff.max().item():.3g} "
+              f"({diff.max().item() * 255:.3g}/255), mean {diff.mean().item():.3g}")
+
+
+def _tiling_memory(args: argparse.Namespace) -> None:
+    print("peak RSS (VmHWM) of a fresh subprocess each, torch + diffusers + model included:", flush=True)
+    small = args.size or 1024
+    base = _decode_child("untiled", small, args.preset) if not args.skip_untiled else None
+    big = _decode_child("tiled", args.big, args.preset)
+    if base:
+        print(f"  untiled {small}² decode: {base['peak_rss'] / GIB:.2f} GiB, {base['seconds']:.1f} s")
+    print(f"  tiled   {args.big}² decode: {big['peak_rss'] / GIB:.2f} GiB, {big['seconds']:.1f} s"
+          f" (before decoding: {big['rss_before'] / GIB:.2f} GiB)")
+    if base:
+        print(f"  ratio tiled {args.big}² / untiled {small}²: {big['peak_rss'] / base['peak_rss']:.2f}")
 
 
 def cmd_tiling(args: argparse.Namespace) -> None:
     """Exactness of our tiled decode vs untiled (and diffusers' tiling), then memory at a big size."""
-    from sdvae.model.build import build_preset
-
-    gib = 1024**3
     print(f"preset {args.preset} (seeded random weights), random N(0,1) latents; differences on the [0,1] scale")
     if args.size:
-        vae = build_preset(args.preset)
-        z = _latents(args.size)
-        results = {}
-        for mode in ("untiled", "tiled", "diffusers"):
-            start = time.perf_counter()
-            results[mode] = _decode(vae, z, mode).float()
-            print(f"  {args.size}² decode {mode:>9}: {time.perf_counter() - start:7.1f} s", flush=True)
-        ref = results.pop("untiled")
-        for mode, out in results.items():
-            diff = (out - ref).abs() / 2  # [-1,1] -> [0,1] scale
-            name = "ours (exact tiling)" if mode == "tiled" else "diffusers enable_tiling"
-            print(f"  {args.size}² {name:>24}: max |diff| {diff.max().item():.3g} "
-                  f"({diff.max().item() * 255:.3g}/255), mean {diff.mean().item():.3g}")
-        del vae, results, ref
+        _tiling_accuracy(args)
     if args.big:
-        print("peak RSS (VmHWM) of a fresh subprocess each, torch + diffusers + model included:", flush=True)
-        base = _child("untiled", args.size or 1024, args.preset) if not args.skip_untiled else None
-        big = _child("tiled", args.big, args.preset)
-        if base:
-            print(f"  untiled {args.size or 1024}² decode: {base['peak_rss'] / gib:.2f} GiB, {base['seconds']:.1f} s")
-        print(f"  tiled   {args.big}² decode: {big['peak_rss'] / gib:.2f} GiB, {big['seconds']:.1f} s"
-              f" (before decoding: {big['rss_before'] / gib:.2f} GiB)")
-        if base:
-            print(f"  ratio tiled {args.big}² / untiled {args.size or 1024}²: {big['peak_rss'] / base['peak_rss']:.2f}")
+        _tiling_memory(args)
     sizes = [int(s) for s in args.roundtrip.split(",") if s.strip()]
     if sizes:
         print("`sdvae roundtrip --tile on` (load, encode, decode, PSNR/SSIM, both PNGs), peak RSS of a fresh process:",
@@ -157,233 +155,65 @@ def cmd_tiling(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="sdvae-bench-") as tmp:
             for size in sizes:
                 row = _roundtrip_child(size, args.preset, Path(tmp))
-                print(f"  roundtrip {size}²: {row['peak_rss'] / 1e9:.2f} GB ({row['peak_rss'] / gib:.2f} GiB), "
+                print(f"  roundtrip {size}²: {row['peak_rss'] / 1e9:.2f} GB ({row['peak_rss'] / GIB:.2f} GiB), "
                       f"{row['seconds']:.1f} s, {row['dtype']}", flush=True)
 
 
-def _synthetic_batches(count: int, batch: int, resolution: int, seed: int = 0):
-    """``count`` photo-like (B,3,R,R) batches in [-1, 1]: smooth colour fields plus fine grain.
-
-    Speed does not depend on content, and both training steps get exactly the same batches.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        coarse = torch.rand(batch, 3, max(1, resolution // 8), max(1, resolution // 8), generator=gen)
-        x = F.interpolate(coarse, size=(resolution, resolution), mode="bicubic", align_corners=False)
-        x = x + 0.05 * torch.randn(x.shape, generator=gen)
-        out.append(x.clamp(0, 1) * 2 - 1)
-    return out
-
-
-def _peak_memory(device) -> int:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
-
-
-def _plain_lpips(args, device):
-    """The frozen LPIPS of users' scripts (a plain ``lpips.LPIPS(net=...)``, default memory format), or None
-    with ``--lpips 0``; ``build_lpips`` itself returns a channels-last backbone."""
-    import torch
-
-    from sdvae.metrics.lpips import build_lpips
-
-    if args.lpips <= 0:
-        return None
-    return build_lpips(args.lpips_net, random_backbone=True).to(device, memory_format=torch.contiguous_format)
-
-
-def _our_train_step(vae, args, total_steps: int):
-    """The step tools/train.py runs: one module through accelerate (autocast, fp32 master weights),
-    VAELoss (LPIPS with gradient), clipping, AdamW + schedule, EMA."""
-    import torch
-    from accelerate import Accelerator
-
-    from sdvae.train.config import LossConfig, OptimConfig
-    from sdvae.train.ema import EMA
-    from sdvae.train.losses import VAELoss
-    from sdvae.train.optim import build_optimizer
-    from sdvae.train.vae_forward import VAEForward
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format  # train.channels_last
-    vae.to(memory_format=fmt)
-    loss_fn = VAELoss(LossConfig(recon=args.recon, lpips_weight=args.lpips, lpips_net=args.lpips_net,
-                                 kl_weight=args.kl_weight), random_lpips_backbone=True)
-    loss_fn.to(accelerator.device)  # (its LPIPS backbone is channels-last already: build_lpips)
-    if args.channels_last:
-        loss_fn.to(memory_format=fmt)
-    optim_cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.99), grad_clip=1.0)
-    opt, sched = build_optimizer(vae.parameters(), args.lr, optim_cfg, total_steps)
-    model, opt = accelerator.prepare(VAEForward(vae), opt)
-    ema = EMA(vae, 0.999)
-    params = [p for p in vae.parameters() if p.requires_grad]
-
-    def step(i: int, images, eps) -> float:
-        images = images.contiguous(memory_format=fmt)
-        with accelerator.autocast():
-            recon, mean, logvar = model(images, eps)
-            loss, logs = loss_fn.generator_loss(images, recon, mean, logvar, i)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, optim_cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(vae)
-        return logs["loss"]
-
-    return step, accelerator.device
-
-
-def _reference_train_step(vae, args, total_steps: int):
-    """A plain diffusers-style step (as in diffusers' train_autoencoderkl.py, minus its defects):
-    fp32, ``vae.encode``/``vae.decode`` called directly, the same loss terms with the same weights
-    (LPIPS with gradient, KL with our per-element reduction), clipping, AdamW; no EMA."""
-    import torch
-    import torch.nn.functional as F
-
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae.to(device)
-    lpips_model = _plain_lpips(args, device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-
-    def step(i: int, images, eps) -> float:
-        posterior = vae.encode(images).latent_dist
-        z = posterior.mean + posterior.std * eps
-        recon = vae.decode(z).sample
-        rec = F.mse_loss(recon, images) if args.recon == "mse" else F.l1_loss(recon, images)
-        loss = rec + args.kl_weight * posterior.kl().mean() / images[0].numel()
-        if lpips_model is not None:
-            loss = loss + args.lpips * lpips_model(recon, images).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return step, device
-
-
-def _example_train_step(vae, args, total_steps: int):
-    """The generator step of diffusers' ``examples/research_projects/autoencoderkl/train_autoencoderkl.py``,
-    shaped as users run it: ``vae.encode``/``vae.decode`` called directly, per-image summed
-    reconstruction loss plus LPIPS computed *without* gradient (as the example does), summed KL, a
-    PatchGAN forward on the reconstruction and the adaptive weight from two ``autograd.grad`` calls
-    on the decoder's last layer every step, one backward, clipping, AdamW. Same precision (accelerate
-    autocast) as the step it is compared with; the example's alternate discriminator iterations are
-    not timed (they add a full VAE forward each, so this row flatters the example)."""
-    import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator
-
-    from sdvae.train.discriminator import NLayerDiscriminator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
-    disc = NLayerDiscriminator(3, 64, 3, "batch")
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    vae, disc, opt = accelerator.prepare(vae, disc, opt)
-    lpips_model = _plain_lpips(args, accelerator.device)
-    last_layer = accelerator.unwrap_model(vae).decoder.conv_out.weight
-
-    def step(i: int, images, eps) -> float:
-        with accelerator.autocast():
-            posterior = accelerator.unwrap_model(vae).encode(images).latent_dist
-            z = posterior.mean + posterior.std * eps
-            recon = accelerator.unwrap_model(vae).decode(z).sample
-            rec = (F.mse_loss if args.recon == "mse" else F.l1_loss)(recon.float(), images.float(), reduction="none")
-            if lpips_model is not None:
-                with torch.no_grad():
-                    p_loss = lpips_model(recon, images)
-                rec = rec + args.lpips * p_loss
-            nll = rec.sum() / rec.shape[0]
-            kl = posterior.kl().sum() / images.shape[0]
-            g_loss = -disc(recon).mean()
-            nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-            g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-            weight = (torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)).clamp(0.0, 1e4).detach()
-            loss = nll + args.kl_weight * kl + 0.5 * weight * g_loss
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss) / images[0].numel()  # per element, comparable with the other rows
-
-    return step, accelerator.device
+# -- train ------------------------------------------------------------------------------------------------
 
 
 def cmd_train_child(args: argparse.Namespace) -> None:
-    """Time one kind of training step in this (fresh) process; prints JSON for the parent."""
+    """Time one recipe (benchkit.steps) in this (fresh) process; prints JSON for the parent."""
     import torch
+    from benchkit.steps import TrainSpec, build_recipe, timed_steps
 
     from sdvae.model.build import build_preset
     from sdvae.model.info import downsample_factor
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vae = build_preset(args.preset).train()
-    factor = downsample_factor(vae)
-    total = args.warmup + args.steps
-    make = {"ours": _our_train_step, "reference": _reference_train_step, "example": _example_train_step}[args.mode]
-    step, device = make(vae, args, total)
-    batches = _synthetic_batches(total, args.batch, args.resolution)
-    latent = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
-    gen = torch.Generator().manual_seed(1)
-    noise = [torch.randn(args.batch, *latent, generator=gen) for _ in range(total)]
-    losses = []
-    for i in range(total):
-        if i == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        losses.append(step(i, batches[i].to(device), noise[i].to(device)))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_s": args.steps * args.batch / seconds, "peak_memory": _peak_memory(device),
-                      "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
-                      "device": str(device)}))
+    spec = TrainSpec.from_args(args)
+    vae = build_preset(spec.preset).train()
+    latent = spec.resolution // downsample_factor(vae)
+    recipe = build_recipe(args.mode, vae, spec, args.warmup + args.steps)
+    print(json.dumps(timed_steps(recipe, spec, (vae.config.latent_channels, latent, latent), args.steps,
+                                 args.warmup)))
 
 
 def cmd_train_parts(args: argparse.Namespace) -> None:
     """Seconds per batch of each part of our step in isolation (fresh process): the VAE's forward +
     backward, LPIPS with the gradient our loss needs, LPIPS without gradient (what the example runs).
     Median of ``--steps`` after ``--warmup``; prints JSON for the parent."""
-    import statistics
-
     import torch
     import torch.nn.functional as F
+    from benchkit.inputs import posterior_noise, synthetic_batches
+    from benchkit.steps import TrainSpec, build_lpips, spec_device
+    from benchkit.timing import time_calls
 
-    from sdvae.metrics.lpips import build_lpips, lpips_distance
+    from sdvae.metrics.lpips import lpips_distance
     from sdvae.model.build import build_preset
     from sdvae.model.info import downsample_factor
     from sdvae.train.vae_forward import VAEForward
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    vae = build_preset(args.preset).train().to(device)
-    lp = build_lpips(args.lpips_net, random_backbone=True).to(device)  # as VAELoss builds it
-    images = _synthetic_batches(1, args.batch, args.resolution)[0].to(device)
-    factor = downsample_factor(vae)
-    eps = torch.randn(args.batch, vae.config.latent_channels, args.resolution // factor, args.resolution // factor,
-                      generator=torch.Generator().manual_seed(1)).to(device)
+    spec = TrainSpec.from_args(args)
+    device = spec_device(spec)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+    vae = build_preset(spec.preset).train().to(device)
+    lp = build_lpips(spec, device)  # as VAELoss gets it
+    images = synthetic_batches(1, spec.batch, spec.resolution)[0].to(device)
+    latent = spec.resolution // downsample_factor(vae)
+    eps = posterior_noise(1, spec.batch, (vae.config.latent_channels, latent, latent))[0].to(device)
     recon = (0.9 * images).detach()  # a stand-in reconstruction: LPIPS' cost does not depend on content
+    forward = VAEForward(vae)  # what our step runs
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    forward = VAEForward(vae)  # what our step runs
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def vae_step() -> None:
         with autocast():
-            out, _, _ = forward(images, eps)
-            loss = F.mse_loss(out.float(), images)
+            loss = F.mse_loss(forward(images, eps)[0].float(), images)
         loss.backward()
         vae.zero_grad(set_to_none=True)
 
@@ -397,65 +227,72 @@ def cmd_train_parts(args: argparse.Namespace) -> None:
         with torch.no_grad(), autocast():
             lpips_distance(lp, images, recon)
 
-    def median_seconds(fn) -> float:
-        times = []
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    print(json.dumps({"vae": median_seconds(vae_step), "lpips_grad": median_seconds(lpips_grad),
-                      "lpips_no_grad": median_seconds(lpips_no_grad)}))
+    parts = {"vae": vae_step, "lpips_grad": lpips_grad, "lpips_no_grad": lpips_no_grad}
+    print(json.dumps({k: time_calls(fn, device, args.steps, args.warmup)[1].median for k, fn in parts.items()}))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """Our training step vs the steps users would run instead: images/s, peak memory, ratios.
-
-    Rows: a plain fp32 step with our loss terms (``reference``), and per precision the step of
-    diffusers' published ``train_autoencoderkl.py`` (``example``: LPIPS without gradient, PatchGAN
-    forward and two ``autograd.grad`` calls every step) and ours (LPIPS *with* gradient, EMA, schedule).
-    """
-    shared = ["--preset", args.preset, "--batch", str(args.batch), "--resolution", str(args.resolution),
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--recon", args.recon,
-              "--lpips", str(args.lpips), "--lpips-net", args.lpips_net, "--kl-weight", str(args.kl_weight),
-              "--lr", str(args.lr)]
-    runs = {"reference (fp32)": ["--mode", "reference"]}
+def _train_runs(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Row name -> the ``_train-child`` flags of that row."""
+    runs = {"ldm same-work (fp32)": ["--mode", "ldm", "--precision", "no"]}
     for precision in args.precisions.split(","):
+        if precision != "no":
+            runs[f"ldm same-work ({precision})"] = ["--mode", "ldm", "--precision", precision]
         runs[f"example ({precision})"] = ["--mode", "example", "--precision", precision]
         runs[f"ours ({precision})"] = ["--mode", "ours", "--precision", precision]
         if args.channels_last:
             runs[f"ours ({precision}, CL)"] = ["--mode", "ours", "--precision", precision, "--channels-last"]
+    return runs
+
+
+TRAIN_COLUMNS = [("what", "step"), ("images_per_s", "images/s"), ("peak_gib", "peak GiB"), ("tflops", "TFLOP/s"),
+                 ("share_pct", "share of peak"), ("first_loss", "first loss"), ("last_loss", "loss (last 5)")]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Our training step vs the steps users would run instead: images/s, peak memory, TFLOP/s, ratios.
+
+    Rows (benchkit.steps): the LDM-style step doing the same work as ours (fp32 and each precision),
+    the step of diffusers' published ``train_autoencoderkl.py`` (``example``) and ours, per precision.
+    """
+    shared = ["--preset", args.preset, "--batch", str(args.batch), "--resolution", str(args.resolution),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--recon", args.recon,
+              "--lpips", str(args.lpips), "--lpips-net", args.lpips_net, "--kl-weight", str(args.kl_weight),
+              "--lr", str(args.lr), "--disc-weight", str(args.disc_weight), "--disc-start", str(args.disc_start)]
     losses = f"{args.recon}" + (f" + {args.lpips}·LPIPS-{args.lpips_net} (random backbone)" if args.lpips else "") \
-        + f" + {args.kl_weight:g}·KL"
+        + f" + {args.kl_weight:g}·KL" + (f" + {args.disc_weight}·PatchGAN" if args.disc_weight else "")
     print(f"preset {args.preset}, batch {args.batch}, {args.resolution}², loss {losses}, AdamW lr {args.lr:g}, "
           f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches; "
-          f"peak memory = {'max allocated' if _cuda() else 'peak RSS'} of a fresh process each; "
-          f"example = diffusers' train_autoencoderkl.py generator step (LPIPS without gradient, "
-          f"PatchGAN + 2 autograd.grad)")
-    results = {}
-    for name, extra in runs.items():
-        results[name] = r = _run_child("_train-child", *shared, *extra)
-        print(f"  {name:>18}: {r['images_per_s']:7.2f} images/s, peak {r['peak_memory'] / 1024**3:5.2f} GiB, "
-              f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (mean of last 5) on {r['device']}", flush=True)
-    ref = results["reference (fp32)"]
+          f"peak memory = {'max allocated' if cuda_available() else 'peak RSS'} of a fresh process each; "
+          f"FLOPs of one step counted by FlopCounterMode; example = diffusers' train_autoencoderkl.py "
+          f"generator step (LPIPS without gradient, PatchGAN + 2 autograd.grad)", flush=True)
+    results, rows = {}, []
+    for name, extra in _train_runs(args).items():
+        r = results[name] = _bench_child("_train-child", *shared, *extra)
+        precision = extra[extra.index("--precision") + 1]
+        row = _throughput(r | {"what": name, "flops": r["flops_per_step"], "seconds": r["seconds_per_step"]},
+                          r["device"], precision, args.peak_tflops)
+        rows.append(row | {"peak_gib": r["peak_memory"] / GIB, "share_pct": report.percent(row["share"])})
+    print(report.markdown(rows, TRAIN_COLUMNS))
+    print("peak TFLOP/s: " + "; ".join(sorted({f"{r['peak_tflops']:.3g} ({r['peak_source']})" for r in rows})))
+    _print_train_ratios(args, results)
+
+
+def _print_train_ratios(args: argparse.Namespace, results: dict[str, dict]) -> None:
     for precision in args.precisions.split(","):
         example = results[f"example ({precision})"]
+        bases = [f"example ({precision})", f"ldm same-work ({'fp32' if precision == 'no' else precision})"]
+        bases += ["ldm same-work (fp32)"] if precision != "no" else []
         for name in [f"ours ({precision})"] + ([f"ours ({precision}, CL)"] if args.channels_last else []):
             ours = results[name]
-            for base_name, base in ((f"example ({precision})", example), ("reference (fp32)", ref)):
+            for base_name in bases:
+                base = results[base_name]
                 print(f"  {name} / {base_name}: {ours['images_per_s'] / base['images_per_s']:.2f}x images/s, "
                       f"{ours['peak_memory'] / base['peak_memory']:.2f}x peak memory")
         if args.breakdown and args.lpips > 0:
-            _print_breakdown(shared, precision, args.batch / example["images_per_s"])
+            _print_breakdown(args, precision, args.batch / example["images_per_s"])
 
 
-def _print_breakdown(shared: list[str], precision: str, example_seconds: float) -> None:
+def _print_breakdown(args: argparse.Namespace, precision: str, example_seconds: float) -> None:
     """Where our step's time goes, and the fastest it could be against the example's step.
 
     Our loss needs the VAE's forward + backward and LPIPS with gradient (target branch, reconstruction
@@ -463,7 +300,9 @@ def _print_breakdown(shared: list[str], precision: str, example_seconds: float) 
     ours / example stays near example seconds / (VAE + LPIPS with gradient). The parts are timed apart,
     so the estimate carries the rows' run-to-run noise.
     """
-    parts = _run_child("_train-parts", *shared, "--precision", precision)
+    parts = _bench_child("_train-parts", "--preset", args.preset, "--batch", str(args.batch), "--resolution",
+                         str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                         "--lpips", str(args.lpips), "--lpips-net", args.lpips_net, "--precision", precision)
     floor = parts["vae"] + parts["lpips_grad"]
     print(f"  breakdown ({precision}, isolated, median per batch): VAE forward + backward {parts['vae']:.3f} s; "
           f"LPIPS with gradient {parts['lpips_grad']:.3f} s; LPIPS without gradient {parts['lpips_no_grad']:.3f} s",
@@ -473,20 +312,7 @@ def _print_breakdown(shared: list[str], precision: str, example_seconds: float) 
           f"reach against the example (isolated timings; same noise as the rows)", flush=True)
 
 
-def _write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
-    """``count`` photo-like JPEGs (smooth colour fields + grain), about size x 1.25·size, varied aspect."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        h, w = size + int(rng.integers(0, size // 4 + 1)), size + int(rng.integers(size // 8, size // 2 + 1))
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        phase = rng.uniform(0, 6, 3)
-        img = np.stack([np.sin(5 * xx + phase[0]), np.cos(4 * yy + phase[1]), np.sin(3 * (xx - yy) + phase[2])], -1)
-        img = (img * 0.5 + 0.5) + rng.normal(0, 0.03, img.shape)
-        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+# -- encode -----------------------------------------------------------------------------------------------
 
 
 def _encode_cli(data: Path, out: Path, args: argparse.Namespace, processes: int) -> dict:
@@ -498,26 +324,40 @@ def _encode_cli(data: Path, out: Path, args: argparse.Namespace, processes: int)
         "sdvae.cli"]
     cmd = [*launcher, "encode-dataset", str(data), str(out), "--model", args.model, "--resolution",
            str(args.resolution), "--batch-size", str(args.batch), "--num-workers", str(args.workers),
-           "--dtype", args.dtype, "--shard-size", str(args.shard_size), "--json", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+           "--dtype", args.dtype, "--shard-size", str(args.shard_size), "--json", "--no-progress",
+           *(["--device", args.device] if getattr(args, "device", None) else [])]
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = children.run(cmd, env=env, cwd=REPO)
+    ranks = children.json_lines(result.stdout)
     images = sum(r["encoded"] for r in ranks)
     seconds = max(r["seconds"] for r in ranks)
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+    peak = result.peak_rss if processes == 1 else None  # (torchrun's own, not its workers')
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "peak_rss": peak}
+
+
+def _bare_encode(vae, batches: list, device, dtype) -> float:
+    """A bare ``vae.encode`` loop over pre-loaded, pre-resized tensors: images/s (one warm-up batch first)."""
+    import torch
+    from benchkit.timing import Stopwatch
+
+    watch = Stopwatch(device)
+    with torch.inference_mode():
+        vae.encode(batches[0].to(device, dtype))
+        with watch.lap():
+            for batch in batches:
+                vae.encode(batch.to(device, dtype)).latent_dist.mean.cpu()
+    return sum(len(b) for b in batches) / watch.total
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
     """encode-dataset images/s vs a bare ``vae.encode`` loop over pre-loaded tensors (same run), and N processes."""
     import shutil
-    import tempfile
 
     import torch
+    from benchkit.inputs import write_photos
 
     from sdvae.images.sources import open_source
-    from sdvae.latents.export import EncodeOptions, preprocess, run_encode
+    from sdvae.latents.export import EncodeOptions, crop_for_encoding, run_encode
     from sdvae.model.dtypes import torch_dtype
     from sdvae.model.info import downsample_factor
     from sdvae.model.load import load_vae
@@ -526,39 +366,24 @@ def cmd_encode(args: argparse.Namespace) -> None:
     try:
         data = Path(args.data) if args.data else work / "images"
         if not args.data:
-            _write_photos(data, args.images, args.resolution * 5 // 4)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        vae = load_vae(args.model).to(device, torch_dtype(args.dtype)).eval()
-        factor = downsample_factor(vae)
+            write_photos(data, args.images, args.resolution * 5 // 4)
+        device, dtype = resolve_device(), torch_dtype(args.dtype)
+        vae = load_vae(args.model).to(device, dtype).eval()
         source = open_source(str(data))
-        pixels = [preprocess(source.load(i), args.resolution, "center", factor)[0] for i in range(len(source))]
+        pixels = [crop_for_encoding(source.load(i), args.resolution, "center", downsample_factor(vae))[0]
+                  for i in range(len(source))]
         batches = [torch.stack(pixels[i:i + args.batch]) for i in range(0, len(pixels), args.batch)]
         print(f"model {args.model}, {len(source)} images ({source.describe()}), {args.resolution}² center crops, "
               f"batch {args.batch}, {args.dtype}, {device}, torch threads {torch.get_num_threads()}, "
               f"{args.workers} DataLoader worker(s)", flush=True)
-
-        def bare() -> float:
-            """A bare ``vae.encode`` loop over pre-loaded, pre-resized tensors: images/s."""
-            with torch.inference_mode():
-                vae.encode(batches[0].to(device, torch_dtype(args.dtype)))  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for batch in batches:
-                    vae.encode(batch.to(device, torch_dtype(args.dtype))).latent_dist.mean.cpu()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            return len(pixels) / (time.perf_counter() - start)
-
-        first = bare()
+        first = _bare_encode(vae, batches, device, dtype)
         start = time.perf_counter()
         summary = run_encode(EncodeOptions(src=str(data), out=str(work / "out"), model=args.model,
                                            resolution=args.resolution, batch_size=args.batch, dtype=args.dtype,
                                            num_workers=args.workers, shard_size=args.shard_size, progress=False))
         wall = time.perf_counter() - start
-        second = bare()
-        reference = (first + second) / 2
-        job = summary["images_per_s"]
+        second = _bare_encode(vae, batches, device, dtype)
+        reference, job = (first + second) / 2, summary["images_per_s"]
         print(f"  bare vae.encode loop (pre-loaded tensors): {reference:8.1f} images/s "
               f"(before {first:.1f}, after {second:.1f})")
         print(f"  encode-dataset (decode+resize in workers, write shards): {job:8.1f} images/s "
@@ -574,109 +399,305 @@ def cmd_encode(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-INFER_MODES = ("diffusers-fp32", "default", "fp32", "bf16", "fp16")
+# -- infer ------------------------------------------------------------------------------------------------
+
+# diffusers-fp32: what a user writes with diffusers alone; diffusers-default: the same with the weights cast
+# to sdvae's default precision on the device; diffusers-autocast: fp32 weights under autocast in it;
+# default / fp32 / bf16 / fp16: sdvae's Codec with --dtype auto / that dtype.
+INFER_MODES = ("diffusers-fp32", "diffusers-default", "diffusers-autocast", "default", "fp32", "bf16", "fp16")
 
 
 def _infer_model(preset: str):
     """The ``tiny`` rows use the embedded checkpoint (real weights); other presets seeded random weights."""
     from sdvae.model.build import build_preset
     from sdvae.model.load import load_vae
+    from sdvae.model.presets import EMBEDDED_CHECKPOINT
 
-    embedded = REPO / "checkpoints" / "sdvae-tiny-f8c4"
-    return load_vae(embedded) if preset == "tiny" and (embedded / "config.json").is_file() else build_preset(preset)
+    if preset == "tiny" and (EMBEDDED_CHECKPOINT / "config.json").is_file():
+        return load_vae(EMBEDDED_CHECKPOINT)
+    return build_preset(preset)
 
 
-def cmd_infer_child(args: argparse.Namespace) -> None:
-    """One inference mode in this (fresh) process: median seconds of encode+decode, peak RSS, output."""
-    import statistics
+def _infer_runner(vae, mode: str, device: str):
+    """(a call doing encode(mean)+decode of one image, the precision it runs in) for ``mode``."""
+    import contextlib
 
     import torch
 
     from sdvae.codec.codec import Codec
+    from sdvae.model.dtypes import resolve_dtype, torch_dtype
+
+    if not mode.startswith("diffusers"):
+        codec = Codec(vae, device=device, dtype="auto" if mode == "default" else mode, tile="auto")
+        return (lambda x: codec.roundtrip(x)[0]), codec.dtype_name
+    used = "fp32" if mode == "diffusers-fp32" else resolve_dtype("auto", device)
+    cast = torch_dtype(used) if mode == "diffusers-default" else torch.float32
+    vae = vae.to(device, cast).eval()
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch_dtype(used)) if mode == "diffusers-autocast"
+                else contextlib.nullcontext())
+
+    def run(x):
+        with torch.no_grad(), autocast:
+            return vae.decode(vae.encode(x.to(device, cast)).latent_dist.mean).sample.float().cpu()
+    return run, used
+
+
+def cmd_infer_child(args: argparse.Namespace) -> None:
+    """One inference mode in this (fresh) process: median seconds of encode+decode, peak memory, output."""
+    import torch
+    from benchkit.inputs import synthetic_images
+    from benchkit.memory import peak_bytes, reset_peak
+    from benchkit.timing import time_calls
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vae = _infer_model(args.preset)
-    x = _synthetic_batches(1, 1, args.size, seed=1)[0]
-    if args.mode == "diffusers-fp32":  # what a user writes with diffusers alone
-        vae = vae.to(args.device).eval()
-
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return vae.decode(vae.encode(x.to(args.device)).latent_dist.mean).sample.float().cpu()
-        used = "fp32"
-    else:
-        codec = Codec(vae, device=args.device, dtype="auto" if args.mode == "default" else args.mode, tile="auto")
-
-        def run() -> torch.Tensor:
-            return codec.roundtrip(x)[0]
-        used = codec.dtype_name
-    times = []
-    for i in range(args.warmup + args.repeats):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = run()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    if args.no_tf32:  # bench.py gpu: fp32 means fp32 (the peak table's fp32 figures are non-TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    x = synthetic_images(1, args.size, seed=1)
+    run, used = _infer_runner(_infer_model(args.preset), args.mode, args.device)
+    reset_peak(args.device)
+    out, watch = time_calls(lambda: run(x), args.device, args.repeats, args.warmup)
     if args.save:
         torch.save({"out": out, "x": x}, args.save)
-    print(json.dumps({"seconds": statistics.median(times), "peak_rss": _peak_rss_bytes(), "dtype": used}))
+    print(json.dumps({"seconds": watch.median, "peak_memory": peak_bytes(args.device), "dtype": used,
+                      "ok": bool(torch.isfinite(out).all())}))
+
+
+def infer_flops(preset: str, size: int) -> int:
+    """FLOPs of one encode(mean)+decode at ``size``² (the useful work of every mode), counted on the meta
+    device: shapes only, nothing computed."""
+    import torch
+    from benchkit.flops import count_flops
+
+    vae = _infer_model(preset).to("meta").eval()
+    x = torch.empty(1, 3, size, size, device="meta")
+    with torch.no_grad():
+        return count_flops(lambda: vae.decode(vae.encode(x).latent_dist.mean).sample)[1]
+
+
+def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespace, tmp: str) -> list[dict]:
+    """Each mode in its own ``_infer-child``: seconds, peak memory, TFLOP/s and share of peak, PSNR and
+    speed against diffusers fp32 (when among ``modes``)."""
+    import torch
+
+    flops = infer_flops(preset, size)
+    rows = {}
+    for mode in modes:
+        save = str(Path(tmp) / f"{preset}-{size}-{mode}.pt")
+        child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size), "--device",
+                             args.device, "--save", save, "--repeats", str(args.repeats), "--warmup",
+                             str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
+        rows[mode] = _throughput(child | {"flops": flops}, args.device, child["dtype"], args.peak_tflops)
+        rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
+                       "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": save}
+    base = rows.get("diffusers-fp32")
+    ref = torch.load(base["save"], weights_only=True)["out"] if base else None
+    for mode, row in rows.items():
+        out = torch.load(row.pop("save"), weights_only=True)["out"]
+        row["speed"] = f"{base['seconds'] / row['seconds']:.2f}x" if base else "–"
+        row["psnr_vs_fp32"] = report.psnr(out, ref) if ref is not None and mode != "diffusers-fp32" else None
+        row["peak_gib"], row["share_pct"] = row["peak_memory"] / GIB, report.percent(row["share"])
+    return list(rows.values())
+
+
+INFER_COLUMNS = [("preset", "preset"), ("size", "size"), ("mode", "mode"), ("precision", "precision"),
+                 ("seconds", "seconds"), ("speed", "speed vs diffusers fp32"), ("peak_gib", "peak GiB"),
+                 ("tflops", "TFLOP/s"), ("share_pct", "share of peak"), ("psnr_vs_fp32", "PSNR vs diffusers fp32")]
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
     """Encode+decode speed of sdvae's modes against plain diffusers fp32, same weights, same input."""
-    import tempfile
-
     import torch
 
-    from sdvae.metrics.pixel import psnr, quantize
-
-    gib = 1024**3
     modes = [m for m in args.modes.split(",") if m]
     print(f"encode+decode of one photo-like image, median of {args.repeats} after {args.warmup} warm-up, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}; each mode in a fresh process")
-    print("| preset | size | mode | precision | seconds | speed vs diffusers fp32 | peak RSS GiB | PSNR vs diffusers |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"device {args.device}, torch threads {torch.get_num_threads()}; each mode in a fresh process; "
+          f"FLOPs of encode(mean)+decode counted once per preset and size (FlopCounterMode, meta device); "
+          f"PSNR on 8-bit outputs", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             for size in (int(v) for v in args.sizes.split(",")):
-                rows = {}
-                for mode in modes:
-                    save = str(Path(tmp) / f"{preset}-{size}-{mode}.pt")
-                    rows[mode] = _run_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
-                                            "--device", args.device, "--save", save, "--repeats", str(args.repeats),
-                                            "--warmup", str(args.warmup)) | {"save": save}
-                base = rows.get("diffusers-fp32")
-                ref = torch.load(base["save"], weights_only=True)["out"] if base else None
-                for mode, row in rows.items():
-                    out = torch.load(row["save"], weights_only=True)["out"]
-                    speed = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
-                    close = f"{float(psnr(quantize(out), quantize(ref))[0]):.1f} dB" if ref is not None else "-"
-                    if mode == "diffusers-fp32":
-                        close = "(reference)"
-                    print(f"| {preset} | {size}² | {mode} | {row['dtype']} | {row['seconds']:.2f} | {speed} | "
-                          f"{row['peak_rss'] / gib:.2f} | {close} |", flush=True)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+                rows += infer_rows(preset, size, modes, args, tmp)
+    print(report.markdown(rows, INFER_COLUMNS))
+    print("peak TFLOP/s: " + "; ".join(sorted({f"{r['peak_tflops']:.3g} ({r['peak_source']})" for r in rows})))
 
 
 def _default_train_precisions() -> str:
     from sdvae.model.dtypes import cpu_has_native_bf16
 
-    return "bf16,fp16" if _cuda() else "bf16" if cpu_has_native_bf16() else "no"
+    return "bf16,fp16" if cuda_available() else "bf16" if cpu_has_native_bf16() else "no"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- gpu --------------------------------------------------------------------------------------------------
 
+# row -> (recipe, precision): our step with every AMP check (benchkit.gpu), then its peers, same batch
+GPU_TRAIN_ROWS = {"train ours bf16": ("ours", "bf16"), "train ours fp16": ("ours", "fp16"),
+                  "train ldm same-work fp32": ("ldm", "no"), "train ldm same-work bf16": ("ldm", "bf16"),
+                  "train example bf16": ("example", "bf16")}
+GPU_INFER_MODES = ["diffusers-fp32", "diffusers-default", "default"]
+GPU_COLUMNS = [("what", "what"), ("ok", "ok"), ("images_per_s", "images/s"), ("seconds", "seconds"),
+               ("peak_gib", "peak GiB"), ("tflops", "TFLOP/s"), ("share_pct", "share of peak"),
+               ("psnr_vs_fp32", "PSNR vs fp32"), ("loss", "loss"), ("vae_steps", "VAE steps"),
+               ("disc_steps", "disc steps"), ("scaler_updates", "scaler updates"), ("skipped_steps", "skipped")]
+
+
+def _gpu_sizes(args: argparse.Namespace) -> dict:
+    """Steps and sizes of every part: a full GPU run, or ``--tiny`` (seconds on a CPU)."""
+    if args.tiny:
+        return {"steps": 3, "infer": [64], "preset": "test", "repeats": 1, "warmup": 0, "encode": (8, 64, 4)}
+    return {"steps": 30, "infer": [512, 1024], "preset": "sd", "repeats": 5, "warmup": 2, "encode": (256, 256, 16)}
+
+
+def cmd_gpu_child(args: argparse.Namespace) -> None:
+    """One training row of ``gpu`` in this (fresh) process; prints the row as JSON."""
+    import math
+
+    import torch
+    from benchkit.gpu import gpu_spec, ours_check
+    from benchkit.inputs import folder_images, synthetic_images
+    from benchkit.steps import build_recipe, timed_steps
+
+    from sdvae.model.build import build_preset
+    from sdvae.model.info import downsample_factor
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    mode, precision = GPU_TRAIN_ROWS[args.row]
+    spec, steps = gpu_spec(args.tiny, args.device, precision), _gpu_sizes(args)["steps"]
+    images = (folder_images(args.data, spec.batch, spec.resolution) if args.data
+              else synthetic_images(spec.batch, spec.resolution, seed=0))
+    if mode == "ours":
+        row = ours_check(spec, steps, images)
+    else:
+        torch.manual_seed(0)
+        vae = build_preset(spec.preset)
+        latent = spec.resolution // downsample_factor(vae)
+        warmup = min(3, steps - 1)
+        r = timed_steps(build_recipe(mode, vae, spec, steps), spec, (vae.config.latent_channels, latent, latent),
+                        steps - warmup, warmup, batches=[images])
+        row = {"images_per_s": r["images_per_s"], "seconds": r["seconds_per_step"], "peak_memory": r["peak_memory"],
+               "flops": r["flops_per_step"], "loss": r["last_loss"], "ok": math.isfinite(r["last_loss"]),
+               "failures": [] if math.isfinite(r["last_loss"]) else ["non-finite loss"]}
+    print(json.dumps(row | {"what": args.row, "kind": "train", "precision": precision}))
+
+
+def _gpu_common(args: argparse.Namespace) -> list[str]:
+    return ["--device", args.device, *(["--tiny"] if args.tiny else []), *(["--data", args.data] if args.data else [])]
+
+
+def _failed(what: str, kind: str, error: Exception) -> dict:
+    """The row of a part whose child crashed: the table and JSON are still written, the run exits 1."""
+    print(f"  {what}: FAILED", flush=True)
+    return {"what": what, "kind": kind, "ok": False, "failures": [str(error)[-1500:]]}
+
+
+def _gpu_train(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, (_, precision) in GPU_TRAIN_ROWS.items():
+        try:
+            row = _bench_child("_gpu-child", "--row", name, *_gpu_common(args))
+        except children.ChildFailed as e:
+            rows.append(_failed(name, "train", e))
+            continue
+        row = _throughput(row, args.device, precision, args.peak_tflops)
+        rows.append(row | {"peak_gib": row["peak_memory"] / GIB, "share_pct": report.percent(row["share"])})
+        print(f"  {name}: {'ok' if row['ok'] else 'FAILED'}, {row['images_per_s']:.3g} images/s", flush=True)
+    return rows
+
+
+def _gpu_infer(args: argparse.Namespace, tmp: str) -> list[dict]:
+    sizes = _gpu_sizes(args)
+    ns = argparse.Namespace(device=args.device, repeats=sizes["repeats"], warmup=sizes["warmup"],
+                            peak_tflops=args.peak_tflops, no_tf32=True)
+    rows = []
+    for size in sizes["infer"]:
+        try:
+            part = infer_rows(sizes["preset"], size, GPU_INFER_MODES, ns, tmp)
+        except children.ChildFailed as e:
+            rows.append(_failed(f"infer {sizes['preset']} {size}²", "infer", e))
+            continue
+        for row in part:
+            row["failures"] = [] if row["ok"] else ["non-finite output"]
+        rows += part
+        print(f"  infer {size}²: {'ok' if all(r['ok'] for r in part) else 'FAILED'}", flush=True)
+    return rows
+
+
+def _gpu_encode(args: argparse.Namespace, tmp: str) -> dict:
+    """``sdvae encode-dataset`` of generated JPEGs in a fresh process: images/s; ok when every image is encoded."""
+    from benchkit.inputs import write_photos
+
+    count, resolution, batch = _gpu_sizes(args)["encode"]
+    write_photos(Path(tmp) / "images", count, resolution * 5 // 4)
+    ns = argparse.Namespace(model="test" if args.tiny else "tiny", resolution=resolution, batch=batch, workers=2,
+                            dtype="auto", shard_size=1000, device=args.device)
+    what = f"encode-dataset {ns.model} {count} images {resolution}²"
+    try:
+        r = _encode_cli(Path(tmp) / "images", Path(tmp) / "latents", ns, 1)
+    except children.ChildFailed as e:
+        return _failed(what, "encode", e)
+    ok = r["images"] == count
+    return {"what": what, "kind": "encode", "ok": ok,
+            "images_per_s": r["images_per_s"], "seconds": r["seconds"],
+            "peak_gib": r["peak_rss"] / GIB if args.device == "cpu" else None,  # on CUDA: not GPU memory
+            "failures": [] if ok else [f"encoded {r['images']} of {count}"]}
+
+
+def cmd_gpu(args: argparse.Namespace) -> int:
+    """Training (our step's AMP checks, its peers), inference and encode-dataset on one device; JSON + table."""
+    import torch
+
+    if args.device.startswith("cuda") and not cuda_available():
+        raise SystemExit("no CUDA device (use --device cpu --tiny for the CPU smoke test)")
+    sizes = _gpu_sizes(args)
+    info = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "preset": sizes["preset"], "steps": sizes["steps"],
+            "tf32": False, "note": "peak memory: CUDA max allocated, or peak RSS of a fresh process on CPU"}
+    print(json.dumps(info), flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sdvae-bench-gpu-") as tmp:
+        rows = _gpu_train(args) + _gpu_infer(args, tmp) + [_gpu_encode(args, tmp)]
+    info["seconds"] = time.perf_counter() - start
+    info["peak_tflops"] = sorted({f"{r['peak_tflops']:.4g} ({r['peak_source']})" for r in rows if "peak_tflops" in r})
+    table = report.markdown(rows, GPU_COLUMNS)
+    print(table)
+    print("peak TFLOP/s: " + "; ".join(info["peak_tflops"]))
+    report.write_json(args.out, {"info": info, "rows": rows})
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        print(f"FAILED: {r['what']}: {r.get('failures')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--recon", choices=("mse", "l1"), default="mse")
+    p.add_argument("--lpips", type=float, default=0.1, help="LPIPS weight (0: off); random backbone")
+    p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--disc-weight", type=float, default=0.0,
+                   help="PatchGAN weight of ours and the LDM step (0: none; the example always runs its own)")
+    p.add_argument("--disc-start", type=int, default=0, help="step from which the PatchGAN counts")
+    p.add_argument("--channels-last", action="store_true",
+                   help="our step with channels-last weights and images (train.channels_last)")
+
+
+def _peak_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the share-of-peak column (default: the known-device "
+                   "table on CUDA, a GEMM of the same precision measured in this run on CPU)")
+
+
+def _public_parsers(sub) -> None:
     p = sub.add_parser("tiling", help="exact tiled decode: accuracy vs untiled/diffusers, peak RSS at a big size")
     p.add_argument("--size", type=int, default=1024, help="image side for the accuracy comparison (0: skip)")
     p.add_argument("--big", type=int, default=2048, help="image side for the memory measurement (0: skip)")
@@ -686,22 +707,9 @@ def main(argv: list[str] | None = None) -> None:
                    "peak RSS (e.g. 2048,4096; empty: skip)")
     p.set_defaults(func=cmd_tiling)
 
-    def train_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="tiny")
-        p.add_argument("--batch", type=int, default=16)
-        p.add_argument("--resolution", type=int, default=64)
-        p.add_argument("--steps", type=int, default=20, help="timed steps")
-        p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-        p.add_argument("--recon", choices=("mse", "l1"), default="mse")
-        p.add_argument("--lpips", type=float, default=0.1, help="LPIPS weight (0: off); random backbone")
-        p.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
-        p.add_argument("--kl-weight", type=float, default=1e-6)
-        p.add_argument("--lr", type=float, default=4e-4)
-        p.add_argument("--channels-last", action="store_true",
-                       help="our step with channels-last weights and images (train.channels_last)")
-
-    p = sub.add_parser("train", help="our training step vs diffusers' example step and a plain fp32 step")
-    train_args(p)
+    p = sub.add_parser("train", help="our training step vs the LDM-style step, diffusers' example step")
+    _train_args(p)
+    _peak_arg(p)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the step's parts in isolation and print the ceiling of ours / example")
     p.add_argument("--precisions", default=_default_train_precisions(),
@@ -726,11 +734,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="256,512", help="comma-separated image sides")
     p.add_argument("--modes", default="diffusers-fp32,default,fp32,bf16",
                    help=f"comma-separated, from {', '.join(INFER_MODES)} (default: sdvae's --dtype auto)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    _peak_arg(p)
     p.set_defaults(func=cmd_infer)
 
+    p = sub.add_parser("gpu", help="the prepared GPU script: training checks and peers, inference, encode-dataset; "
+                       "JSON + markdown, exit 1 if a check fails")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="test preset, 64², 3 steps (the CPU smoke test)")
+    p.add_argument("--data", default="", help="image folder for the training rows instead of synthetic images")
+    p.add_argument("--infer", action="store_true", help="accepted for gpu_check.py's command line: inference "
+                   "always runs")
+    p.add_argument("--out", default="bench_gpu.json", help="JSON file for the results (the table: same name, .md)")
+    _peak_arg(p)
+    p.set_defaults(func=cmd_gpu)
+
+
+def _child_parsers(sub) -> None:
     p = sub.add_parser("_infer-child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=INFER_MODES, required=True)
     p.add_argument("--preset", default="sd")
@@ -740,20 +762,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--save", default="")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-tf32", action="store_true")
     p.set_defaults(func=cmd_infer_child)
 
-    p = sub.add_parser("_train-child", help=argparse.SUPPRESS)
-    train_args(p)
-    p.add_argument("--mode", choices=("ours", "reference", "example"), required=True)
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--threads", type=int, default=0)
-    p.set_defaults(func=cmd_train_child)
+    for name, func in (("_train-child", cmd_train_child), ("_train-parts", cmd_train_parts)):
+        p = sub.add_parser(name, help=argparse.SUPPRESS)
+        _train_args(p)
+        if name == "_train-child":
+            p.add_argument("--mode", choices=("ours", "ldm", "example", "reference"), required=True)
+        p.add_argument("--precision", default="bf16")
+        p.add_argument("--threads", type=int, default=0)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser("_train-parts", help=argparse.SUPPRESS)
-    train_args(p)
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--threads", type=int, default=0)
-    p.set_defaults(func=cmd_train_parts)
+    p = sub.add_parser("_gpu-child", help=argparse.SUPPRESS)
+    p.add_argument("--row", choices=list(GPU_TRAIN_ROWS), required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--data", default="")
+    p.set_defaults(func=cmd_gpu_child)
 
     p = sub.add_parser("_decode-child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("untiled", "tiled", "diffusers"), required=True)
@@ -762,9 +788,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_decode_child)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _public_parsers(sub)
+    _child_parsers(sub)
     args = parser.parse_args(argv)
-    args.func(args)
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
