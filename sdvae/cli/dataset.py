@@ -133,7 +133,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "one row per readable image. Unreadable files are skipped and listed in OUT/skipped.txt. Killed and run "
         "again with the same arguments, it finishes without duplicates or re-encoding finished shards. Runs "
         "under `torchrun`/`accelerate launch` too: each process encodes its own shards. " + INPUT_NOTES)
-    p.add_argument("src", help="image folder (recursive), save_to_disk folder, .parquet file/glob, or hub dataset")
+    p.add_argument("src", help="image folder (recursive), save_to_disk folder, .parquet file/glob, WebDataset tar "
+                   "shards (a.tar, {00000..00099}.tar, *.tar or a .txt list; json/txt members carried), or hub dataset")
     p.add_argument("out", help="output folder")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--resolution", type=int, default=0,

@@ -1,4 +1,4 @@
-"""Image sources: training images from a folder, a ``save_to_disk`` folder, parquet or the Hub.
+"""Image sources: images from a folder, a ``save_to_disk`` folder, parquet, WebDataset tar shards or the Hub.
 
 :func:`open_source` turns a reference (``data.train`` / ``data.val``: an image folder, a local
 ``save_to_disk`` folder, a parquet file/glob, or a Hugging Face Hub dataset name) into an
@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 from sdvae.errors import UserError, first_line
+from sdvae.images.image_source import ImageSource
 from sdvae.images.load import image_to_tensor, is_image_file, load_image
+from sdvae.images.webdataset import WebDatasetSource, is_shard_reference
 
 # Files the datasets library writes next to the arrow shards of `save_to_disk`.
 _SAVE_TO_DISK_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
@@ -42,68 +44,6 @@ class _ChoiceError(UserError):
     def __init__(self, message: str, option: str):
         super().__init__(message)
         self.option = option
-
-
-class ImageSource(Sequence):
-    """A fixed-order collection of images; ``len(src)`` items, each decoded on demand.
-
-    Subclasses implement :meth:`load`, :meth:`name` and :meth:`describe`. Sources must be picklable
-    (DataLoader workers may receive a copy) and cheap to index (no decoding in ``__init__``).
-    """
-
-    ref: str
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, i: int) -> torch.Tensor:  # Sequence protocol; same as load
-        return self.load(i)
-
-    def load(self, i: int, channels: int = 3) -> torch.Tensor:
-        """Decode image ``i`` with ``channels`` image channels (the model's; :func:`load_image`'s conversions).
-
-        Returns:
-            (C,H,W) float32 in [-1,1] at the file's own size: grayscale, RGB (alpha composited on white)
-            or RGBA (alpha kept) for C = 1, 3, 4.
-
-        Raises:
-            UserError: the image cannot be decoded (message names it); IndexError for a bad ``i``.
-        """
-        raise NotImplementedError
-
-    def name(self, i: int) -> str:
-        """Human-readable identity of item ``i`` for logs (relative path or ``dataset[i]``)."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line for the run log, e.g. ``image folder data/ (1,234 images)``."""
-        raise NotImplementedError
-
-    # Carried columns: values that travel with each image (captions, labels) into derived datasets
-    # such as ``sdvae encode-dataset``'s output. Training ignores them.
-    carry: tuple[str, ...] = ()
-
-    def key(self, i: int) -> str:
-        """Stable identity of item ``i`` within the source (relative path, or the row index as a string)."""
-        return str(self._check(i))
-
-    def extras(self, i: int) -> dict[str, Any]:
-        """Values of the carried columns for item ``i`` (``{}`` when nothing is carried)."""
-        self._check(i)
-        return {}
-
-    def extra_features(self) -> Any:
-        """``datasets.Features`` of the carried columns (None when nothing is carried)."""
-        return None
-
-    def fingerprint(self) -> str:
-        """A short string that changes when the item list changes (used to refuse resuming on other data)."""
-        return f"{type(self).__name__}:{len(self)}"
-
-    def _check(self, i: int) -> int:
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.ref}: index {i} out of range for {len(self)} images")
-        return i
 
 
 class FolderSource(ImageSource):
@@ -295,6 +235,8 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
             * an image folder (searched recursively; order = sorted relative paths),
             * a folder written by ``datasets``' ``save_to_disk`` (``Dataset`` or ``DatasetDict``),
             * a ``.parquet`` file, a glob of them (``data/*.parquet``), or a folder holding only parquet,
+            * WebDataset tar shards: ``data/00000.tar``, ``data/{00000..00099}.tar``, ``data/*.tar`` or a
+              ``.txt`` list of shard paths (:mod:`sdvae.images.webdataset`; other members are columns),
             * a Hugging Face Hub dataset name (needs network or the local datasets cache).
         image_column: column holding the images (datasets/parquet only).
         split: split to use for hub datasets and ``DatasetDict`` folders (parquet files are one split).
@@ -324,6 +266,8 @@ def open_source(ref: str, image_column: str = "image", split: str = "train",
 
 def _open(ref: str, image_column: str, split: str, cache_dir: str | None,
           carry: Sequence[str] | None) -> ImageSource:
+    if is_shard_reference(ref):
+        return WebDatasetSource(ref, carry)
     if _GLOB_CHARS & set(ref):
         files = sorted(glob.glob(str(Path(ref).expanduser()), recursive=True))
         if not files:

@@ -362,7 +362,7 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     read = summary["encoded"] + summary["unreadable"]
     summary.update(seconds=round(seconds, 3), images_per_s=round(read / seconds, 2) if seconds else 0.0,
-                   notes=list(codec.notes), out=str(out))
+                   notes=[*source.notes, *codec.notes], out=str(out))
     final = finalize(out, identity, features, meta)
     summary["complete"] = final is not None
     if final is not None:

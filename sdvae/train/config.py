@@ -76,7 +76,7 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are cropped."""
 
-    train: str = ""  # image folder (recursive), datasets name, local datasets folder or parquet file/glob
+    train: str = ""  # image folder (recursive), datasets name, local datasets folder, parquet file/glob or tar shards
     val: str = ""  # same kinds; empty: hold out `val_count` images of `train`
     image_column: str = "image"  # column holding the images (datasets / parquet sources)
     split: str = "train"  # datasets split to read
