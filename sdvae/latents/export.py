@@ -294,13 +294,7 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     rank, world, local_rank = dist_env()
     device = resolve_device(opts.device, local_rank)
     opts = dataclasses.replace(opts, dtype=resolve_dtype(opts.dtype, device))  # "auto" → what this device runs
-    crop = opts.crop or ("center" if opts.resolution or opts.buckets else "none")
-    if crop not in CROPS or opts.store not in STORES:
-        raise UserError(f"bad option: crop {crop!r}, store {opts.store!r} or dtype {opts.dtype!r}")
-    if opts.resolution < 0 or opts.batch_size < 1 or opts.shard_size < 1 or opts.num_workers < 0:
-        raise UserError("--resolution must be >= 0, --batch-size and --shard-size >= 1, --num-workers >= 0")
-    if crop != "none" and not opts.resolution and not opts.buckets:
-        raise UserError(f"--crop {crop} needs --resolution N (the crop size)")
+    crop = _checked_crop(opts)
     source = open_source(opts.src, opts.image_column, opts.split, opts.cache_dir, carry=opts.carry)
     clash = [c for c in source.carry if c in FIXED_COLUMNS]
     if clash:
@@ -363,17 +357,40 @@ def run_encode(opts: EncodeOptions) -> dict[str, Any]:
     read = summary["encoded"] + summary["unreadable"]
     summary.update(seconds=round(seconds, 3), images_per_s=round(read / seconds, 2) if seconds else 0.0,
                    notes=[*source.notes, *codec.notes], out=str(out))
+    _complete(summary, out, identity, features, meta, buckets)
+    return summary
+
+
+def _checked_crop(opts: EncodeOptions) -> str:
+    """The crop mode in force (``--crop`` or its default), after checking the options that need no model.
+
+    Raises:
+        UserError: an unknown crop/store, a negative or zero size, or a crop without a crop size.
+    """
+    crop = opts.crop or ("center" if opts.resolution or opts.buckets else "none")
+    if crop not in CROPS or opts.store not in STORES:
+        raise UserError(f"bad option: crop {crop!r}, store {opts.store!r} or dtype {opts.dtype!r}")
+    if opts.resolution < 0 or opts.batch_size < 1 or opts.shard_size < 1 or opts.num_workers < 0:
+        raise UserError("--resolution must be >= 0, --batch-size and --shard-size >= 1, --num-workers >= 0")
+    if crop != "none" and not opts.resolution and not opts.buckets:
+        raise UserError(f"--crop {crop} needs --resolution N (the crop size)")
+    return crop
+
+
+def _complete(summary: dict[str, Any], out: Path, identity: dict[str, Any], features: Any, meta: dict[str, Any],
+              buckets: BucketSet | None) -> None:
+    """Write the dataset files if every shard is present, and add the outcome to ``summary``: ``complete``,
+    then ``rows``/``skipped`` (and the bucket histogram) or ``shards_missing``; ``bucket_set`` with buckets."""
     final = finalize(out, identity, features, meta)
     summary["complete"] = final is not None
     if final is not None:
         summary.update(rows=final["rows"], skipped=final["skipped"])
         if "bucket_histogram" in final:
             summary["buckets"] = final["bucket_histogram"]
+    else:
+        summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(identity["num_shards"]))
     if buckets is not None:
         summary["bucket_set"] = {k: v for k, v in buckets.describe().items() if k in BUCKET_SUMMARY_KEYS}
-    else:
-        summary["shards_missing"] = sum(not shard_path(out, k).is_file() for k in range(num_shards))
-    return summary
 
 
 def _wait_for_writes(writing: deque, writer: ThreadPoolExecutor) -> BaseException | None:

@@ -159,3 +159,13 @@ def test_cli_default_bucket_step_scales_with_the_side_and_is_printed(mixed: Path
     printed = capsys.readouterr().out
     assert "bucket set 128: sides multiples of 8, largest log aspect-ratio gap" in printed  # 128/16 = 8
     assert read_dataset_meta(tmp_path / "auto")["buckets"]["step"] == 8
+
+
+def test_an_unfinished_bucketed_run_says_what_is_missing(mixed: Path, tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 of 2 alone: its shards are written, the other rank's are missing; the summary says how many
+    (the CLI prints that count) and still describes the bucket set."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    summary = encode_small(mixed, tmp_path / "half", resolution=0, crop="random", **BUCKETS)
+    assert not summary["complete"] and summary["shards_missing"] == summary["shards_total"] // 2
+    assert summary["bucket_set"]["step"] == 16
