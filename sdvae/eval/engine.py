@@ -184,15 +184,7 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     Raises:
         UserError: bad settings, an explicit weights file that is unusable, or no readable image.
     """
-    import platform
-
-    import torchmetrics
-    from torch.utils.data import DataLoader
-
-    import sdvae
-    from sdvae.eval.elbo import SIGMA_GRID, bound_terms, image_generator, summarize_bounds
-    from sdvae.metrics.information import bits_per_dim
-    from sdvae.metrics.lpips import lpips_distance
+    from sdvae.eval.elbo import SIGMA_GRID
     from sdvae.model.info import config_hash, describe
 
     settings.check()
@@ -209,6 +201,44 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     sigmas = SIGMA_GRID if settings.sigma is None else (settings.sigma,)
 
     count = len(source) if settings.limit is None else min(settings.limit, len(source))
+    data, names, skipped = _measure(codec, source, settings, count, sigmas, lpips_model, fid_metric, progress)
+    metrics, per_image = _summarise(data, names, settings, sigmas, lpips_model, lpips_info, fid_metric, fid_info)
+
+    facts = describe(codec.master)
+    seconds = time.perf_counter() - start
+    return {
+        "format": EVAL_FORMAT,
+        "model": {"ref": model_ref, "config_hash": config_hash(codec.master),
+                  "downsampling_factor": facts["downsampling_factor"], "latent_channels": facts["latent_channels"],
+                  "image_channels": codec.channels,
+                  "parameters": facts["parameters"]["total"]},
+        "data": {"ref": source.ref, "description": source.describe(), "images_in_source": len(source),
+                 "limit": settings.limit, "evaluated": len(names), "skipped": len(skipped),
+                 "skipped_examples": skipped[:MAX_SKIPPED_LISTED]},
+        "protocol": _protocol(codec, settings, lpips_info if lpips_model is not None else None,
+                              fid_info if fid_metric is not None else None, metrics["elbo"]["sigma_rule"]),
+        "metrics": metrics,
+        "notes": list(codec.notes),
+        "per_image": per_image,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _measure(codec: Codec, source: ImageSource, settings: EvalSettings, count: int, sigmas: tuple[float, ...],
+             lpips_model: Any, fid_metric: Any, progress: bool
+             ) -> tuple[dict[str, torch.Tensor], list[str], list[dict[str, str]]]:
+    """Encode, decode and score the first ``count`` images: per-image columns (``psnr``, ``ssim``, ``lpips``,
+    the bound terms), the names evaluated, and the skipped inputs. ``fid_metric`` accumulates in place.
+
+    Raises:
+        UserError: no image could be evaluated.
+    """
+    from torch.utils.data import DataLoader
+
+    from sdvae.eval.elbo import bound_terms, image_generator
+    from sdvae.metrics.lpips import lpips_distance
+
+    device = codec.device
     loader = DataLoader(_EvalItems(source, count, settings, codec.channels), batch_size=None, shuffle=False,
                         num_workers=settings.workers, collate_fn=_items_as_they_are)
     bar = Progress(count, "sdvae eval", enabled=progress)
@@ -244,7 +274,15 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
     if not names:
         first = f" (first: {skipped[0]['reason']})" if skipped else ""
         raise UserError(f"{source.ref}: none of the {count} images could be evaluated{first}")
-    data = {k: torch.cat(v) for k, v in cols.items() if v}
+    return {k: torch.cat(v) for k, v in cols.items() if v}, names, skipped
+
+
+def _summarise(data: dict[str, torch.Tensor], names: list[str], settings: EvalSettings, sigmas: tuple[float, ...],
+               lpips_model: Any, lpips_info: str, fid_metric: Any, fid_info: str
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The report's ``metrics`` (mean ± population std, or unavailable with the reason) and ``per_image`` rows."""
+    from sdvae.eval.elbo import summarize_bounds
+    from sdvae.metrics.information import bits_per_dim
 
     metrics: dict[str, Any] = {
         "psnr": {"available": True, "unit": "dB", **_stats(data["psnr"])},
@@ -277,47 +315,42 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
         if "lpips" in data:
             row["lpips"] = float(data["lpips"][i])
         per_image.append(row)
+    return metrics, per_image
 
-    facts = describe(codec.master)
-    seconds = time.perf_counter() - start
+
+def _protocol(codec: Codec, settings: EvalSettings, lpips_info: str | None, fid_info: str | None,
+              sigma_rule: str) -> dict[str, Any]:
+    """The report's ``protocol``: everything needed to reproduce or compare the figures."""
+    import platform
+
+    import torchmetrics
+
+    import sdvae
+
     return {
-        "format": EVAL_FORMAT,
-        "model": {"ref": model_ref, "config_hash": config_hash(codec.master),
-                  "downsampling_factor": facts["downsampling_factor"], "latent_channels": facts["latent_channels"],
-                  "image_channels": codec.channels,
-                  "parameters": facts["parameters"]["total"]},
-        "data": {"ref": source.ref, "description": source.describe(), "images_in_source": len(source),
-                 "limit": settings.limit, "evaluated": len(names), "skipped": len(skipped),
-                 "skipped_examples": skipped[:MAX_SKIPPED_LISTED]},
-        "protocol": {
-            "resolution": settings.resolution, "center_crop": settings.center_crop and settings.resolution is not None,
-            "preprocessing": settings.describe_crop() + "; then rounded to 8 bits",
-            "channels": f"images read as {describe_channels(codec.channels)}; PSNR, SSIM and the bounds over all "
-            "of them" + {1: "; LPIPS and rFID on the grayscale image repeated to RGB",
-                         4: "; LPIPS and rFID on the RGB channels (alpha not seen)"}.get(codec.channels, ""),
-            "reconstruction": "decoder(posterior mean), rounded to 8 bits (as a saved PNG) for PSNR/SSIM/LPIPS/rFID",
-            "psnr": "10·log10(1/MSE) per image on [0,1], mean and population std over images",
-            "ssim": "torchmetrics structural_similarity_index_measure (Gaussian 11, σ 1.5), per image",
-            "lpips": lpips_info if lpips_model is not None else None,
-            "rfid": fid_info if fid_metric is not None else None,
-            "likelihood": ("p(x|z): per 8-bit subpixel a Gaussian of mean clamp(decoder(z), -1, 1) and scale sigma, "
-                           "integrated over the value's bin of width 2/255 on the [-1,1] scale (edge bins to ±inf)"),
-            "prior": "N(0, I) on the unscaled latents (scaling_factor/shift play no part)",
-            "sigma_rule": bounds["sigma_rule"],
-            "iw_samples": settings.iw_samples,
-            "elbo_estimator": "mean of the K log-weights (the IW bound uses the same K draws, so IW >= ELBO)",
-            "bits_per_dim": f"-bound / ({codec.channels}·H·W·ln 2)",
-            "seed": settings.seed, "dtype": codec.dtype_name, "device": str(device), "tile": codec.tile,
-            "batch_size": settings.batch_size,
-            "versions": {"sdvae": sdvae.__version__, "torch": torch.__version__,
-                         "torchmetrics": torchmetrics.__version__, "torch_fidelity": _version("torch-fidelity"),
-                         "diffusers": _version("diffusers"), "lpips": _version("lpips"),
-                         "python": platform.python_version()},
-        },
-        "metrics": metrics,
-        "notes": list(codec.notes),
-        "per_image": per_image,
-        "seconds": round(seconds, 3),
+        "resolution": settings.resolution, "center_crop": settings.center_crop and settings.resolution is not None,
+        "preprocessing": settings.describe_crop() + "; then rounded to 8 bits",
+        "channels": f"images read as {describe_channels(codec.channels)}; PSNR, SSIM and the bounds over all "
+        "of them" + {1: "; LPIPS and rFID on the grayscale image repeated to RGB",
+                     4: "; LPIPS and rFID on the RGB channels (alpha not seen)"}.get(codec.channels, ""),
+        "reconstruction": "decoder(posterior mean), rounded to 8 bits (as a saved PNG) for PSNR/SSIM/LPIPS/rFID",
+        "psnr": "10·log10(1/MSE) per image on [0,1], mean and population std over images",
+        "ssim": "torchmetrics structural_similarity_index_measure (Gaussian 11, σ 1.5), per image",
+        "lpips": lpips_info,
+        "rfid": fid_info,
+        "likelihood": ("p(x|z): per 8-bit subpixel a Gaussian of mean clamp(decoder(z), -1, 1) and scale sigma, "
+                       "integrated over the value's bin of width 2/255 on the [-1,1] scale (edge bins to ±inf)"),
+        "prior": "N(0, I) on the unscaled latents (scaling_factor/shift play no part)",
+        "sigma_rule": sigma_rule,
+        "iw_samples": settings.iw_samples,
+        "elbo_estimator": "mean of the K log-weights (the IW bound uses the same K draws, so IW >= ELBO)",
+        "bits_per_dim": f"-bound / ({codec.channels}·H·W·ln 2)",
+        "seed": settings.seed, "dtype": codec.dtype_name, "device": str(codec.device), "tile": codec.tile,
+        "batch_size": settings.batch_size,
+        "versions": {"sdvae": sdvae.__version__, "torch": torch.__version__,
+                     "torchmetrics": torchmetrics.__version__, "torch_fidelity": _version("torch-fidelity"),
+                     "diffusers": _version("diffusers"), "lpips": _version("lpips"),
+                     "python": platform.python_version()},
     }
 
 
