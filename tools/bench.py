@@ -30,6 +30,7 @@ for _path in (REPO, TOOLS):  # run as a script from a checkout without installin
         sys.path.insert(0, str(_path))
 
 from benchkit import children, report  # noqa: E402
+from benchkit.memory import peak_kind  # noqa: E402
 
 from sdvae.device import cuda_available, resolve_device  # noqa: E402  (light: torch loads on first call)
 
@@ -262,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         + f" + {args.kl_weight:g}·KL" + (f" + {args.disc_weight}·PatchGAN" if args.disc_weight else "")
     print(f"preset {args.preset}, batch {args.batch}, {args.resolution}², loss {losses}, AdamW lr {args.lr:g}, "
           f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches; "
-          f"peak memory = {'max allocated' if cuda_available() else 'peak RSS'} of a fresh process each; "
+          f"peak memory = {peak_kind(resolve_device())}, a fresh process per row; "
           f"FLOPs of one step counted by FlopCounterMode; example = diffusers' train_autoencoderkl.py "
           f"generator step (LPIPS without gradient, PatchGAN + 2 autograd.grad)", flush=True)
     results, rows = {}, []

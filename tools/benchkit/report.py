@@ -46,9 +46,5 @@ def psnr(out, ref) -> float:
     return 10 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")
 
 
-def gib(n_bytes: float | None) -> float | None:
-    return n_bytes / 2**30 if n_bytes is not None else None
-
-
 def percent(fraction: float | None) -> str:
     return f"{100 * fraction:.3g}%" if fraction is not None else "–"
