@@ -22,6 +22,7 @@ _EXPORTS = {
     "unscale_latents": "sdvae.latents.scaling",
     "latent_normalization": "sdvae.latents.scaling",
     "LatentDataset": "sdvae.latents.dataset",
+    "LatentStream": "sdvae.latents.stream",
     "BucketBatchSampler": "sdvae.latents.bucket_sampler",
     "UserError": "sdvae.errors",
 }

@@ -18,8 +18,10 @@ like ``kill -9 -PGID`` or a power cut; start the process with ``start_new_sessio
 * ``ckpt``: right before a ``save_file`` of ``sdvae.train.checkpoint`` (between a checkpoint's tensor files);
 * ``val``: inside validation, after the metrics are computed and before the sample grid is written;
 * ``export``: right after ``final/`` is written (before ``metrics.json``);
-* ``shard``: encode-dataset, right before a shard's rows file is written (its JSON side files are out);
-* ``json``: encode-dataset, right before a shard's skip report or preview-fit sums are written;
+* ``shard``: encode-dataset, right before a shard's rows file (or ``skipped.txt``) is written, locally or to
+  an object store (its JSON side files are out);
+* ``json``: encode-dataset, right before a JSON file is written: the arguments, a shard's skip report or
+  info (row count, preview-fit sums), or a dataset file at completion;
 * ``batch``: encode-dataset, after an encoded batch (``ENCODE_BATCH_DELAY_S``'s hook point).
 
 ``SDVAE_TEST_NAN=P1,P2,...`` makes the posterior noise NaN for the micro-batches at those 0-based
@@ -144,11 +146,14 @@ def install_train_hooks() -> None:
 
 def install_encode_hooks() -> None:
     _read_kill_spec()
-    import sdvae.latents.export
+    import sdvae.latents.encode_job
+    import sdvae.storage.files
 
-    _wrap(sdvae.latents.export, "write_shard", before="shard")
-    _wrap(sdvae.latents.export, "write_json", before="json")
-    _wrap(sdvae.latents.export, "_encode_batch", after="batch")
+    # Every write of the run goes through sdvae.storage.files: rows files (and skipped.txt) as bytes, the
+    # arguments, side files and dataset metadata as JSON.
+    _wrap(sdvae.storage.files, "write_bytes", before="shard")
+    _wrap(sdvae.storage.files, "write_json", before="json")
+    _wrap(sdvae.latents.encode_job, "encode_batch", after="batch")
 
 
 def main(argv: list[str]) -> None:

@@ -23,6 +23,27 @@ def make_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def jpeg_bytes(seed: int, width: int = 40, height: int = 36) -> bytes:
+    """A ``make_photo`` image as JPEG bytes (quality 90)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(make_photo(width, height, seed=seed)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file holding ``members`` (name, content) in order, as img2dataset writes shards."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m sdvae.cli ARGS`` in a subprocess, as a user would run ``sdvae``."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

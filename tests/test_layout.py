@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdvae"
 RANKS = {
     "errors": 0,
     "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1, "device": 1,
+    "storage": 1.5,  # object storage: below images and latents, above atomic
     "model": 2, "images": 2, "metrics": 2,
     "codec": 3,
     "latents": 4,

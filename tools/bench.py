@@ -3,8 +3,8 @@
     python tools/bench.py tiling [--size 1024] [--big 2048] [--roundtrip 2048,4096]
     python tools/bench.py train [--preset tiny --batch 16 --resolution 64 --lpips 0.5 --precisions no,bf16]
                                 [--breakdown] [--disc-weight 0.5] [--peak-tflops N]
-    python tools/bench.py encode [--model tiny --images 256 --resolution 256 --batch 16 --processes 2]
-    python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,fp32,bf16]
+    python tools/bench.py encode [--model tiny --data FOLDER --shards 7 --resolution 256 --batch 16 --engines 1,2,ray]
+    python tools/bench.py infer [--presets sd,tiny --sizes 256,512 --modes diffusers-fp32,default,compiled]
     python tools/bench.py gpu [--out bench_gpu.json] [--data FOLDER]      # one CUDA GPU: training, inference,
     python tools/bench.py gpu --device cpu --tiny --out check.json        # encode-dataset; CPU smoke test
 
@@ -315,17 +315,26 @@ def _print_breakdown(args: argparse.Namespace, precision: str, example_seconds: 
 
 # -- encode -----------------------------------------------------------------------------------------------
 
+ENCODE_COLUMNS = [("what", "what"), ("images", "images"), ("seconds", "seconds"), ("images_per_s", "images/s"),
+                  ("vs_bare", "vs bare loop"), ("waiting_pct", "encoder waiting"), ("note", "note")]
 
-def _encode_cli(data: Path, out: Path, args: argparse.Namespace, processes: int) -> dict:
-    """Run ``sdvae encode-dataset`` in a fresh process group; images/s = all images / slowest rank's time."""
+
+def _encode_cli(src: Path | str, out: Path, args: argparse.Namespace, processes: int,
+                engine: str = "torchrun") -> dict:
+    """Run ``sdvae encode-dataset`` in a fresh process group (torchrun when ``processes`` > 1).
+
+    images/s = all images / the slowest rank's time; ``waiting_share`` = the time the model waited for
+    preprocessed batches over the time it had, all ranks (Ray: all actors) together.
+    """
     import os
 
     launcher = [sys.executable, "-m", "sdvae.cli"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
         "sdvae.cli"]
-    cmd = [*launcher, "encode-dataset", str(data), str(out), "--model", args.model, "--resolution",
+    cmd = [*launcher, "encode-dataset", str(src), str(out), "--model", args.model, "--resolution",
            str(args.resolution), "--batch-size", str(args.batch), "--num-workers", str(args.workers),
            "--dtype", args.dtype, "--shard-size", str(args.shard_size), "--json", "--no-progress",
+           *(["--engine", engine] if engine != "torchrun" else []),
            *(["--device", args.device] if getattr(args, "device", None) else [])]
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = children.run(cmd, env=env, cwd=REPO)
@@ -333,7 +342,21 @@ def _encode_cli(data: Path, out: Path, args: argparse.Namespace, processes: int)
     images = sum(r["encoded"] for r in ranks)
     seconds = max(r["seconds"] for r in ranks)
     peak = result.peak_rss if processes == 1 else None  # (torchrun's own, not its workers')
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "peak_rss": peak}
+    waiting = sum(r.get("waiting_s", 0.0) for r in ranks)
+    had = sum(r["seconds"] * max(1, r.get("ray_workers", 1)) for r in ranks)
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "peak_rss": peak,
+            "waiting_s": waiting, "waiting_share": waiting / had if had else None}
+
+
+def _encode_in_process(src: str, out: Path, args: argparse.Namespace) -> dict:
+    """``run_encode`` in this process (the model load not timed): images, seconds, images/s, waiting share."""
+    from sdvae.latents.export import EncodeOptions, run_encode
+
+    s = run_encode(EncodeOptions(src=src, out=str(out), model=args.model, resolution=args.resolution,
+                                 batch_size=args.batch, dtype=args.dtype, num_workers=args.workers,
+                                 shard_size=args.shard_size, progress=False))
+    return {"images": s["encoded"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
+            "waiting_s": s["waiting_s"], "waiting_share": s["waiting_s"] / s["seconds"] if s["seconds"] else None}
 
 
 def _bare_encode(vae, batches: list, device, dtype) -> float:
@@ -350,62 +373,129 @@ def _bare_encode(vae, batches: list, device, dtype) -> float:
     return sum(len(b) for b in batches) / watch.total
 
 
-def cmd_encode(args: argparse.Namespace) -> None:
-    """encode-dataset images/s vs a bare ``vae.encode`` loop over pre-loaded tensors (same run), and N processes."""
-    import shutil
-
+def _bare_inputs(data: Path, args: argparse.Namespace):
+    """(model on the device in ``--dtype``, the folder's images center-cropped as encode-dataset crops them
+    and stacked into (batch,3,R,R) tensors in [-1,1], device, torch dtype, the source's description)."""
     import torch
-    from benchkit.inputs import write_photos
 
     from sdvae.images.sources import open_source
-    from sdvae.latents.export import EncodeOptions, crop_for_encoding, run_encode
+    from sdvae.latents.export import crop_for_encoding
     from sdvae.model.dtypes import torch_dtype
     from sdvae.model.info import downsample_factor
     from sdvae.model.load import load_vae
 
+    device, dtype = resolve_device(), torch_dtype(args.dtype)
+    vae = load_vae(args.model).to(device, dtype).eval()
+    source = open_source(str(data))
+    pixels = [crop_for_encoding(source.load(i), args.resolution, "center", downsample_factor(vae))[0]
+              for i in range(len(source))]
+    batches = [torch.stack(pixels[i:i + args.batch]) for i in range(0, len(pixels), args.batch)]
+    return vae, batches, device, dtype, source.describe()
+
+
+def _encode_images(args: argparse.Namespace, work: Path) -> Path:
+    """The folder of images to encode: generated JPEGs (``--images``, 256 by default), ``--data``, or the first
+    ``--images`` of ``--data`` linked into ``work``."""
+    from benchkit.inputs import image_files, write_photos
+
+    if not args.data:
+        write_photos(work / "images", args.images or 256, args.resolution * 5 // 4)
+        return work / "images"
+    if args.images is None:
+        return Path(args.data)
+    chosen = image_files(Path(args.data), args.images)
+    (work / "images").mkdir()
+    for i, path in enumerate(chosen):  # one flat folder, in the same order
+        (work / "images" / f"{i:06d}{path.suffix.lower()}").symlink_to(path.resolve())
+    return work / "images"
+
+
+def _engine_names(spec: str) -> list[str]:
+    """``--engines``: process counts (1: run_encode in this process; N: torchrun) and ``ray``."""
+    names = [e.strip() for e in spec.split(",") if e.strip()]
+    bad = [e for e in names if e != "ray" and not (e.isdigit() and int(e) >= 1)]
+    if bad or not names:
+        raise SystemExit(f"--engines {spec!r}: a comma-separated list of process counts (1, 2, ...) and ray")
+    return names
+
+
+def _engine_row(engine: str, src: str, work: Path, args: argparse.Namespace) -> dict:
+    """One row of ``encode``: 1 = run_encode in this process, N = torchrun with N processes, ray = the CLI's
+    ``--engine ray``. A Ray engine that fails gives a "not available (reason)" row, never a crash."""
+    what = {"1": "1 process (run_encode, in-process)",
+            "ray": "Ray engine (--engine ray)"}.get(engine, f"{engine} processes (torchrun)")
+    out = work / f"out-{engine}"
+    try:
+        if engine == "1":
+            r = _encode_in_process(src, out, args)
+        else:
+            r = _encode_cli(src, out, args, 1 if engine == "ray" else int(engine), "ray" if engine == "ray"
+                            else "torchrun")
+    except children.ChildFailed as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        note = f"{'not available' if engine == 'ray' else 'FAILED'} ({lines[-1].strip() if lines else 'no output'})"
+        print(f"  {engine}: {note}", flush=True)
+        return {"what": what, "kind": "encode", "engine": engine, "ok": engine == "ray", "note": note}
+    print(f"  {what}: {r['images_per_s']:.1f} images/s, {r['images']} images in {r['seconds']:.2f} s, encoder "
+          f"waiting {report.percent(r['waiting_share'])}", flush=True)
+    return {"what": what, "kind": "encode", "engine": engine, "ok": True, **r}
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """encode-dataset images/s vs a bare ``vae.encode`` loop over pre-loaded tensors (same run), per engine;
+    with ``--shards N`` on tar shards of the images (the full path: read tar, decode, resize, encode, write)."""
+    import shutil
+
+    import torch
+    from benchkit.inputs import image_files, pack_shards
+
+    engines = _engine_names(args.engines)
     work = Path(tempfile.mkdtemp(prefix="sdvae-bench-encode-"))
     try:
-        data = Path(args.data) if args.data else work / "images"
-        if not args.data:
-            write_photos(data, args.images, args.resolution * 5 // 4)
-        device, dtype = resolve_device(), torch_dtype(args.dtype)
-        vae = load_vae(args.model).to(device, dtype).eval()
-        source = open_source(str(data))
-        pixels = [crop_for_encoding(source.load(i), args.resolution, "center", downsample_factor(vae))[0]
-                  for i in range(len(source))]
-        batches = [torch.stack(pixels[i:i + args.batch]) for i in range(0, len(pixels), args.batch)]
-        print(f"model {args.model}, {len(source)} images ({source.describe()}), {args.resolution}² center crops, "
-              f"batch {args.batch}, {args.dtype}, {device}, torch threads {torch.get_num_threads()}, "
-              f"{args.workers} DataLoader worker(s)", flush=True)
-        first = _bare_encode(vae, batches, device, dtype)
-        start = time.perf_counter()
-        summary = run_encode(EncodeOptions(src=str(data), out=str(work / "out"), model=args.model,
-                                           resolution=args.resolution, batch_size=args.batch, dtype=args.dtype,
-                                           num_workers=args.workers, shard_size=args.shard_size, progress=False))
-        wall = time.perf_counter() - start
-        second = _bare_encode(vae, batches, device, dtype)
-        reference, job = (first + second) / 2, summary["images_per_s"]
-        print(f"  bare vae.encode loop (pre-loaded tensors): {reference:8.1f} images/s "
-              f"(before {first:.1f}, after {second:.1f})")
-        print(f"  encode-dataset (decode+resize in workers, write shards): {job:8.1f} images/s "
-              f"({summary['encoded']} images in {summary['seconds']:.2f} s; {wall:.2f} s with start-up)")
-        print(f"  ratio encode-dataset / bare loop: {job / reference:.2f}x", flush=True)
-        if args.processes > 1:
-            one = _encode_cli(data, work / "p1", args, 1)
-            many = _encode_cli(data, work / f"p{args.processes}", args, args.processes)
-            print(f"  encode-dataset, 1 process: {one['images_per_s']:8.1f} images/s; {args.processes} processes "
-                  f"(torchrun): {many['images_per_s']:8.1f} images/s; speed-up "
-                  f"{many['images_per_s'] / one['images_per_s']:.2f}x")
+        data = _encode_images(args, work)
+        count = len(image_files(data))
+        if args.shards and not 1 <= args.shards <= count:
+            raise SystemExit(f"--shards {args.shards}: between 1 and the number of images ({count})")
+        src = pack_shards(image_files(data), work / "shards", args.shards) if args.shards else str(data)
+        vae, batches, device, dtype, described = _bare_inputs(data, args)
+        info = {"model": args.model, "images": count, "source": described, "shards": args.shards,
+                "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype, "device": str(device),
+                "torch_threads": torch.get_num_threads(), "workers": args.workers, "engines": engines}
+        print(f"model {args.model}, {count} images ({described})"
+              + (f" packed into {args.shards} tar shards (KEY.jpg + KEY.json)" if args.shards else "")
+              + f", {args.resolution}² center crops, batch {args.batch}, {args.dtype}, {device}, torch threads "
+              f"{info['torch_threads']}, {args.workers} DataLoader worker(s)", flush=True)
+        before = _bare_encode(vae, batches, device, dtype)
+        rows = [_engine_row(engine, src, work, args) for engine in engines]
+        after = _bare_encode(vae, batches, device, dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    bare = (before + after) / 2
+    rows.insert(0, {"what": "bare vae.encode loop (preloaded tensors)", "kind": "encode", "engine": "bare",
+                    "ok": True, "images": count, "images_per_s": bare, "before": before, "after": after,
+                    "note": f"before {before:.4g}, after {after:.4g} images/s"})
+    for row in rows:
+        if "images_per_s" in row:
+            row |= {"vs_bare": row["images_per_s"] / bare, "waiting_pct": report.percent(row.get("waiting_share"))}
+            row["ok"] = row["images"] == count
+    table = report.markdown(rows, ENCODE_COLUMNS)
+    print(table)
+    if args.out:
+        report.write_json(args.out, {"info": info, "rows": rows})
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    return 1 if any(not row["ok"] for row in rows) else 0
 
 
 # -- infer ------------------------------------------------------------------------------------------------
 
 # diffusers-fp32: what a user writes with diffusers alone; diffusers-default: the same with the weights cast
 # to sdvae's default precision on the device; diffusers-autocast: fp32 weights under autocast in it;
-# default / fp32 / bf16 / fp16: sdvae's Codec with --dtype auto / that dtype.
-INFER_MODES = ("diffusers-fp32", "diffusers-default", "diffusers-autocast", "default", "fp32", "bf16", "fp16")
+# diffusers-compile: what an expert writes (diffusers' own speed-up guide): default precision, channels-last,
+# torch.compile of the encoder and decoder; default / fp32 / bf16 / fp16: sdvae's Codec with --dtype auto /
+# that dtype; compiled: the Codec's default with compile=True.
+INFER_MODES = ("diffusers-fp32", "diffusers-default", "diffusers-autocast", "diffusers-compile", "default",
+               "compiled", "fp32", "bf16", "fp16")
+INFER_DEFAULT_MODES = "diffusers-fp32,diffusers-default,diffusers-compile,default,compiled"
 
 
 def _infer_model(preset: str):
@@ -429,11 +519,15 @@ def _infer_runner(vae, mode: str, device: str):
     from sdvae.model.dtypes import resolve_dtype, torch_dtype
 
     if not mode.startswith("diffusers"):
-        codec = Codec(vae, device=device, dtype="auto" if mode == "default" else mode, tile="auto")
+        codec = Codec(vae, device=device, dtype="auto" if mode in ("default", "compiled") else mode, tile="auto",
+                      compile=mode == "compiled")
         return (lambda x: codec.roundtrip(x)[0]), codec.dtype_name
     used = "fp32" if mode == "diffusers-fp32" else resolve_dtype("auto", device)
-    cast = torch_dtype(used) if mode == "diffusers-default" else torch.float32
+    cast = torch_dtype(used) if mode in ("diffusers-default", "diffusers-compile") else torch.float32
     vae = vae.to(device, cast).eval()
+    if mode == "diffusers-compile":
+        vae.to(memory_format=torch.channels_last)
+        vae.encoder, vae.decoder = torch.compile(vae.encoder), torch.compile(vae.decoder)
     autocast = (torch.autocast(torch.device(device).type, dtype=torch_dtype(used)) if mode == "diffusers-autocast"
                 else contextlib.nullcontext())
 
@@ -457,11 +551,12 @@ def cmd_infer_child(args: argparse.Namespace) -> None:
     x = synthetic_images(1, args.size, seed=1)
     run, used = _infer_runner(_infer_model(args.preset), args.mode, args.device)
     reset_peak(args.device)
-    out, watch = time_calls(lambda: run(x), args.device, args.repeats, args.warmup)
+    _, first = time_calls(lambda: run(x), args.device, 1, 0)  # compiled modes: the compile, plus one run
+    out, watch = time_calls(lambda: run(x), args.device, args.repeats, max(args.warmup - 1, 0))
     if args.save:
         torch.save({"out": out, "x": x}, args.save)
-    print(json.dumps({"seconds": watch.median, "peak_memory": peak_bytes(args.device), "dtype": used,
-                      "ok": bool(torch.isfinite(out).all())}))
+    print(json.dumps({"seconds": watch.median, "first_seconds": first.total, "peak_memory": peak_bytes(args.device),
+                      "dtype": used, "ok": bool(torch.isfinite(out).all())}))
 
 
 def infer_flops(preset: str, size: int) -> int:
@@ -491,18 +586,21 @@ def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespac
         rows[mode] = _throughput(child | {"flops": flops}, args.device, child["dtype"], args.peak_tflops)
         rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
                        "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": save}
-    base = rows.get("diffusers-fp32")
+    base, same = rows.get("diffusers-fp32"), rows.get("diffusers-default")
     ref = torch.load(base["save"], weights_only=True)["out"] if base else None
     for mode, row in rows.items():
         out = torch.load(row.pop("save"), weights_only=True)["out"]
         row["speed"] = f"{base['seconds'] / row['seconds']:.2f}x" if base else "–"
+        row["speed_same"] = (f"{same['seconds'] / row['seconds']:.2f}x"
+                             if same and same["precision"] == row["precision"] else "–")
         row["psnr_vs_fp32"] = report.psnr(out, ref) if ref is not None and mode != "diffusers-fp32" else None
         row["peak_gib"], row["share_pct"] = row["peak_memory"] / GIB, report.percent(row["share"])
     return list(rows.values())
 
 
 INFER_COLUMNS = [("preset", "preset"), ("size", "size"), ("mode", "mode"), ("precision", "precision"),
-                 ("seconds", "seconds"), ("speed", "speed vs diffusers fp32"), ("peak_gib", "peak GiB"),
+                 ("seconds", "seconds"), ("first_seconds", "first call s"), ("speed", "speed vs diffusers fp32"),
+                 ("speed_same", "speed vs diffusers same precision"), ("peak_gib", "peak GiB"),
                  ("tflops", "TFLOP/s"), ("share_pct", "share of peak"), ("psnr_vs_fp32", "PSNR vs diffusers fp32")]
 
 
@@ -537,7 +635,9 @@ GPU_TRAIN_ROWS = {"train ours bf16": ("ours", "bf16"), "train ours fp16": ("ours
                   "train ldm same-work fp32": ("ldm", "no"), "train ldm same-work bf16": ("ldm", "bf16"),
                   "train example bf16": ("example", "bf16")}
 GPU_INFER_MODES = ["diffusers-fp32", "diffusers-default", "default"]
+GPU_COMPILE_MODES = ["diffusers-compile", "compiled"]  # at the largest size only (compiling takes minutes)
 GPU_COLUMNS = [("what", "what"), ("ok", "ok"), ("images_per_s", "images/s"), ("seconds", "seconds"),
+               ("first_seconds", "first call s"),
                ("peak_gib", "peak GiB"), ("tflops", "TFLOP/s"), ("share_pct", "share of peak"),
                ("psnr_vs_fp32", "PSNR vs fp32"), ("loss", "loss"), ("vae_steps", "VAE steps"),
                ("disc_steps", "disc steps"), ("scaler_updates", "scaler updates"), ("skipped_steps", "skipped")]
@@ -613,7 +713,8 @@ def _gpu_infer(args: argparse.Namespace, tmp: str) -> list[dict]:
     rows = []
     for size in sizes["infer"]:
         try:
-            part = infer_rows(sizes["preset"], size, GPU_INFER_MODES, ns, tmp)
+            modes = GPU_INFER_MODES + (GPU_COMPILE_MODES if not args.tiny and size == max(sizes["infer"]) else [])
+            part = infer_rows(sizes["preset"], size, modes, ns, tmp)
         except children.ChildFailed as e:
             rows.append(_failed(f"infer {sizes['preset']} {size}²", "infer", e))
             continue
@@ -718,23 +819,30 @@ def _public_parsers(sub) -> None:
                    "default: bf16,fp16 on CUDA, bf16 on CPUs with native bf16, else no")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("encode", help="encode-dataset images/s vs a bare vae.encode loop; 1 vs N processes")
+    p = sub.add_parser("encode", help="encode-dataset images/s vs a bare vae.encode loop, per engine; on tar shards "
+                       "of real JPEGs with --shards")
     p.add_argument("--model", default="tiny", help="model reference (preset, folder, file)")
     p.add_argument("--data", help="image folder to encode (default: generated JPEGs in a temp folder)")
-    p.add_argument("--images", type=int, default=256, help="number of generated images")
+    p.add_argument("--images", type=int, default=None,
+                   help="number of images: generated ones (default 256), or the first N of --data (default all)")
+    p.add_argument("--shards", type=int, default=0, help="pack the images into N WebDataset tar shards (KEY.jpg + "
+                   "KEY.json, original bytes, as img2dataset writes them) and encode the shards (0: the folder)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of encode-dataset")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=1, help="also compare 1 vs N processes (torchrun)")
+    p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard of a folder source")
+    p.add_argument("--engines", default="1", help="comma-separated rows: 1 (run_encode in this process), N "
+                   "(torchrun, N processes), ray (--engine ray); e.g. 1,2,ray")
+    p.add_argument("--out", default="", help="also write the rows as JSON here (the table: same name, .md)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("infer", help="encode+decode speed: plain diffusers fp32 vs sdvae's default and each dtype")
     p.add_argument("--presets", default="sd,tiny", help="comma-separated presets (tiny: the embedded checkpoint)")
     p.add_argument("--sizes", default="256,512", help="comma-separated image sides")
-    p.add_argument("--modes", default="diffusers-fp32,default,fp32,bf16",
-                   help=f"comma-separated, from {', '.join(INFER_MODES)} (default: sdvae's --dtype auto)")
+    p.add_argument("--modes", default=INFER_DEFAULT_MODES,
+                   help=f"comma-separated, from {', '.join(INFER_MODES)} (default: sdvae's --dtype auto; "
+                   "compiled: with Codec(compile=True); the first call column holds the compile)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -44,8 +44,16 @@ from sdvae.train.loaders import build_dataloaders, latent_stats_loader
 from sdvae.train.losses import VAELoss
 from sdvae.train.modules import decoder_last_layer
 from sdvae.train.optim import build_optimizer, effective_lr, optimizer_steps, restore_buffers, snapshot_buffers
+from sdvae.train.regularisers import draw_transform
 from sdvae.train.runfolder import move_checkpoints_aside, resume_point
-from sdvae.train.vae_forward import VAEForward, compile_forward, posterior_noise, prepare_vae
+from sdvae.train.vae_forward import (
+    VAEForward,
+    compile_forward,
+    latent_decoder,
+    posterior_noise,
+    prepare_vae,
+    reparameterize,
+)
 from sdvae.train.validation import (
     measure_latent_stats,
     reconstruction_metrics,
@@ -157,6 +165,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
 
     # --- train -----------------------------------------------------------------------------------
     last_layer = decoder_last_layer(vae)  # for the adaptive GAN weight (LDM)
+    decode = latent_decoder(model)  # the diffusability regularisers decode transformed latents
     trainable = [p for p in [*vae.parameters(), *loss_fn.trainable_parameters()] if p.requires_grad]
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
@@ -177,12 +186,15 @@ def main(cfg: RunConfig) -> dict[str, float]:
             run_meta["skipped"] += int(batch["skipped"])
             images = batch["pixels"].to(device, memory_format=memory_format)
             eps = posterior_noise(batch["index"], step * ga + micro, latent_shape, cfg.train.seed).to(device)
+            tau = draw_transform(cfg.loss, cfg.train.seed, step * ga + micro)  # EQ-VAE's τ; None when off
             # Gradients are all-reduced only on the last micro-batch of an accumulation.
             sync = contextlib.nullcontext() if micro == ga - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
                     recon, mean, logvar = model(images, eps)
-                    g_loss, g_logs = loss_fn.generator_loss(images, recon, mean, logvar, step, last_layer)
+                    g_loss, g_logs = loss_fn.generator_loss(images, recon, mean, logvar, step, last_layer,
+                                                            latents=reparameterize(mean, logvar, eps),
+                                                            decode=decode, tau=tau)
                 accelerator.backward(g_loss / ga)  # fp16: scaled by accelerate's GradScaler
             if use_disc:
                 with accelerator.no_sync(loss_fn.discriminator) if micro < ga - 1 else contextlib.nullcontext():

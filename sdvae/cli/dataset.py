@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 from sdvae.cli.options import INPUT_NOTES, MODEL_HELP, default_model, require_data_extra
 from sdvae.model.dtypes import DTYPE_CHOICES
@@ -16,13 +15,15 @@ from sdvae.model.dtypes import DTYPE_CHOICES
 def cmd_encode_dataset(args: argparse.Namespace) -> int:
     require_data_extra("sdvae encode-dataset")
     from sdvae.latents.export import EncodeOptions, run_encode
+    from sdvae.storage.urls import join
 
     carry = None if args.carry is None else tuple(c.strip() for c in args.carry.split(",") if c.strip())
     opts = EncodeOptions(
         src=args.src, out=args.out, model=args.model or default_model(), resolution=args.resolution, crop=args.crop,
         batch_size=args.batch_size, dtype=args.dtype, store=args.store, num_workers=args.num_workers,
         shard_size=args.shard_size, image_column=args.image_column, split=args.split, carry=carry, seed=args.seed,
-        device=args.device, progress=not args.no_progress, **_bucket_flip_options(args))
+        device=args.device, progress=not args.no_progress, format=args.format, engine=args.engine,
+        part_size=args.part_size, ray_workers=args.ray_workers, compile=args.compile, **_bucket_flip_options(args))
     summary = run_encode(opts)
     if args.json:
         print(json.dumps(summary))
@@ -30,6 +31,8 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)
     who = f"rank {summary['rank']}/{summary['world_size']}: " if summary["world_size"] > 1 else ""
+    if summary.get("engine") == "ray":
+        who = f"{summary['ray_workers']} Ray worker(s): "
     print(f"{who}encoded {summary['encoded']:,} image(s) ({summary['unreadable']} unreadable) in "
           f"{summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
           f"{summary['shards_encoded']} shard(s) written, {summary['shards_done_before']} already done")
@@ -37,8 +40,8 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
         _print_bucket_set(summary["bucket_set"])
     if summary["complete"]:
         _print_buckets(summary.get("buckets"))
-        skipped = Path(args.out) / "skipped.txt"
-        print(f"complete: {summary['rows']:,} rows in {args.out}"
+        skipped = join(summary["out"], "skipped.txt")
+        print(f"complete: {summary['rows']:,} rows in {summary['out']}"
               + (f"; {summary['skipped']} unreadable input(s) listed in {skipped}" if summary["skipped"] else ""))
     else:
         print(f"{summary['shards_missing']} shard(s) still missing (other processes are on them, or were stopped: "
@@ -129,13 +132,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``encode-dataset`` and ``latent-stats`` among the ``sdvae`` subcommands."""
     p = sub.add_parser(
         "encode-dataset", help="encode an image folder or dataset into a latent dataset (resumable, multi-process)",
-        description="Encode every image of SRC into OUT, a `datasets` dataset on disk (datasets.load_from_disk), "
-        "one row per readable image. Unreadable files are skipped and listed in OUT/skipped.txt. Killed and run "
-        "again with the same arguments, it finishes without duplicates or re-encoding finished shards. Runs "
-        "under `torchrun`/`accelerate launch` too: each process encodes its own shards. " + INPUT_NOTES)
-    p.add_argument("src", help="image folder (recursive), save_to_disk folder, .parquet file/glob, WebDataset tar "
-                   "shards (a.tar, {00000..00099}.tar, *.tar or a .txt list; json/txt members carried), or hub dataset")
-    p.add_argument("out", help="output folder")
+        description="Encode every image of SRC into OUT, a `datasets` dataset (datasets.load_from_disk) or "
+        "WebDataset tar shards, one row per readable image. Unreadable inputs are skipped and listed in "
+        "OUT/skipped.txt. Killed and run again with the same arguments, it finishes without duplicates or "
+        "re-encoding finished shards. Runs under `torchrun`/`accelerate launch` too (each process encodes its own "
+        "shards), or on a Ray cluster (--engine ray). SRC and OUT may be fsspec URLs (s3://, gs://, hf://; "
+        "credentials and endpoint from the environment, e.g. AWS_ENDPOINT_URL). " + INPUT_NOTES)
+    p.add_argument("src", help="image folder (recursive), save_to_disk folder, WebDataset tar shards or parquet "
+                   "shards (a file, {00000..00099}.tar, *.parquet or a .txt list; local or a URL; streamed, one "
+                   "output shard per input shard; json/txt members carried), or hub dataset")
+    p.add_argument("out", help="output folder or URL (s3://bucket/prefix)")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--resolution", type=int, default=0,
                    help="resize the shorter side to N (bicubic, antialiased) before cropping; 0 (default): "
@@ -151,8 +157,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="posterior mean + log-variance (default), the mean, or one seeded posterior sample")
     p.add_argument("--num-workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                    help="DataLoader workers decoding/resizing images (0: in the main process; default: "
-                   "half the CPU cores, at most 8)")
-    p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard (the unit of resuming)")
+                   "half the CPU cores, at most 8; not used with --engine ray: its actors decode in threads)")
+    p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard (the unit of resuming) "
+                   "of a folder or dataset source; tar/parquet shards map one input shard to one output shard")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder (one graph per batch shape; the compile time is printed as a "
+                   "note). Pays off on long runs at one --resolution, not with many buckets; on CPU it gains little")
+    p.add_argument("--part-size", type=int, default=0, metavar="N",
+                   help="tar/parquet shards: write each input shard's output in parts of N samples "
+                   "(data/shard-00003-0002.arrow), so a kill loses at most a part of a large shard; 0 (default): "
+                   "one output shard per input shard")
+    p.add_argument("--format", choices=("arrow", "webdataset"), default="arrow",
+                   help="arrow (default): a `datasets` folder of Arrow shards; webdataset: tar shards, one sample "
+                   "per row (KEY.latents.safetensors + KEY.json). LatentDataset and LatentStream read both")
+    p.add_argument("--engine", choices=("torchrun", "ray"), default="torchrun",
+                   help="torchrun (default): this process, or each process of torchrun/accelerate launch, encodes "
+                   "its own shards; ray: Ray Data on a running cluster (RAY_ADDRESS, `ray start --head`) or a local "
+                   "instance (extra [ray])")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --engine ray: number of encoder actors, each holding the model (default: one per GPU "
+                   "of the Ray cluster, or 1 without GPUs)")
     p.add_argument("--image-column", default="image", help="image column of a dataset source")
     p.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict folder")
     p.add_argument("--carry", default=None, help="comma-separated dataset columns to carry into OUT "

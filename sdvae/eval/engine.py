@@ -59,6 +59,8 @@ class EvalSettings:
         fid: compute rFID (needs the Inception weights locally).
         inception_weights: explicit Inception file; "" looks in the torch hub cache.
         workers: DataLoader processes decoding images (0: the main process).
+        diffusability: also measure the latents' spectrum, equivariance and statistics
+            (:mod:`sdvae.eval.diffusability`; about 3 extra encodes and 6 decodes per image).
     """
 
     resolution: int | None = 256
@@ -74,6 +76,7 @@ class EvalSettings:
     fid: bool = True
     inception_weights: str = ""
     workers: int = 0
+    diffusability: bool = False
 
     def check(self) -> None:
         """Raise :class:`UserError` for values no evaluation can run with."""
@@ -179,7 +182,8 @@ def evaluate_source(codec: Codec, source: ImageSource, settings: EvalSettings, *
 
     Returns:
         The report: ``format``, ``model``, ``data``, ``protocol``, ``metrics`` (mean ± population std
-        of every figure, or ``{"available": False, "reason": ...}``), ``per_image`` and ``seconds``.
+        of every figure, or ``{"available": False, "reason": ...}``; ``diffusability`` only when
+        requested), ``per_image`` and ``seconds``.
 
     Raises:
         UserError: bad settings, an explicit weights file that is unusable, or no readable image.
@@ -268,6 +272,9 @@ def _measure(codec: Codec, source: ImageSource, settings: EvalSettings, count: i
             cols["rate"].append(terms.rate())
             cols["kl"].append(terms.kl)
             cols["dims"].append(torch.full((len(batch),), terms.dims, dtype=torch.float64))
+            if settings.diffusability:
+                for key, value in _diffusability_columns(codec, x, enc).items():
+                    cols.setdefault(key, []).append(value)
             names.extend(item["name"] for item in batch)
     finally:
         bar.close()
@@ -277,10 +284,22 @@ def _measure(codec: Codec, source: ImageSource, settings: EvalSettings, count: i
     return {k: torch.cat(v) for k, v in cols.items() if v}, names, skipped
 
 
+def _diffusability_columns(codec: Codec, x: torch.Tensor, enc: Any) -> dict[str, torch.Tensor]:
+    """:func:`sdvae.eval.diffusability.measure_batch` of one batch through the codec (posterior means)."""
+    from sdvae.eval.diffusability import measure_batch
+    from sdvae.latents.scaling import scale_latents
+    from sdvae.model.family import patch_factor
+
+    return measure_batch(x, enc.mean, encode=lambda images: codec.encode(images).mean, decode=codec.decode,
+                         scale=lambda z: scale_latents(z, codec.master), factor=codec.factor,
+                         patch=patch_factor(codec.config))
+
+
 def _summarise(data: dict[str, torch.Tensor], names: list[str], settings: EvalSettings, sigmas: tuple[float, ...],
                lpips_model: Any, lpips_info: str, fid_metric: Any, fid_info: str
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report's ``metrics`` (mean ± population std, or unavailable with the reason) and ``per_image`` rows."""
+    from sdvae.eval import diffusability
     from sdvae.eval.elbo import summarize_bounds
     from sdvae.metrics.information import bits_per_dim
 
@@ -305,6 +324,8 @@ def _summarise(data: dict[str, torch.Tensor], names: list[str], settings: EvalSe
                               sigmas, fitted=settings.sigma is None)
     best = bounds.pop("sigma_index")
     metrics["elbo"] = {"available": True, "iw_samples": settings.iw_samples, **bounds}
+    if settings.diffusability:
+        metrics["diffusability"] = diffusability.summarise(data)
 
     elbo_bpd = bits_per_dim(-data["elbo"][:, best], data["dims"])
     iw_bpd = bits_per_dim(-data["iw"][:, best], data["dims"])
@@ -314,6 +335,8 @@ def _summarise(data: dict[str, torch.Tensor], names: list[str], settings: EvalSe
                "elbo_bpd": float(elbo_bpd[i]), "iw_bpd": float(iw_bpd[i])}
         if "lpips" in data:
             row["lpips"] = float(data["lpips"][i])
+        if settings.diffusability:
+            row.update(diffusability.per_image(data, i))
         per_image.append(row)
     return metrics, per_image
 
@@ -326,6 +349,7 @@ def _protocol(codec: Codec, settings: EvalSettings, lpips_info: str | None, fid_
     import torchmetrics
 
     import sdvae
+    from sdvae.eval.diffusability import DEFINITIONS
 
     return {
         "resolution": settings.resolution, "center_crop": settings.center_crop and settings.resolution is not None,
@@ -347,6 +371,7 @@ def _protocol(codec: Codec, settings: EvalSettings, lpips_info: str | None, fid_
         "bits_per_dim": f"-bound / ({codec.channels}·H·W·ln 2)",
         "seed": settings.seed, "dtype": codec.dtype_name, "device": str(codec.device), "tile": codec.tile,
         "batch_size": settings.batch_size,
+        **({"diffusability": DEFINITIONS} if settings.diffusability else {}),
         "versions": {"sdvae": sdvae.__version__, "torch": torch.__version__,
                      "torchmetrics": torchmetrics.__version__, "torch_fidelity": _version("torch-fidelity"),
                      "diffusers": _version("diffusers"), "lpips": _version("lpips"),

@@ -79,7 +79,37 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     ]
     if "warning" in e:
         lines.append(f"warning: {e['warning']}")
+    if "diffusability" in m:
+        lines += diffusability_lines(m["diffusability"])
     lines += [f"note: {note}" for note in report["notes"]]
+    return lines
+
+
+def diffusability_lines(section: dict[str, Any]) -> list[str]:
+    """The printed lines of the ``diffusability`` section (definitions in the report's protocol)."""
+    lines = []
+    spec, stats = section["spectrum"], section["statistics"]
+    if spec["available"]:
+        lat, img = spec["latent"]["upper_share"], spec["image"]["upper_share"]
+        per_channel = " ".join(f"{c['mean']:.3f}" for c in spec["latent"]["upper_share_per_channel"])
+        lines.append(f"spectrum: upper-half-band energy share, latents {lat['mean']:.3f} ± {lat['std']:.3f} "
+                     f"(channels {per_channel}) vs image at the latent grid {img['mean']:.3f} ± {img['std']:.3f} "
+                     f"(white noise 0.75)")
+    else:
+        lines.append(f"spectrum: unavailable: {spec['reason']}")
+    for name, eq in section["equivariance"].items():
+        lines.append(f"equivariance {name:<15}: PSNR decode(τ(z)) {eq['psnr_latent_tau']['mean']:.2f} dB, "
+                     f"decode(encode(τ(x))) {eq['psnr_image_tau']['mean']:.2f} dB, gap {eq['gap']['mean']:.2f} "
+                     f"± {eq['gap']['std']:.2f} dB")
+    if stats["available"]:
+        fmt = " ".join
+        lines += [
+            f"latent stats (scaled): mean {fmt(f'{v:+.3f}' for v in stats['mean'])} (spread "
+            f"{stats['mean_spread']:.3f}); std {fmt(f'{v:.3f}' for v in stats['std'])} (spread "
+            f"{stats['std_spread']:.3f})",
+            f"latent stats (scaled): excess kurtosis {fmt(f'{v:+.2f}' for v in stats['excess_kurtosis'])}; "
+            f"max |inter-channel correlation| {stats['max_abs_correlation']:.3f}",
+        ]
     return lines
 
 

@@ -14,6 +14,7 @@ transparent, ``+1`` white or opaque);
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -159,6 +160,34 @@ def check_min_size(img_size: tuple[int, int], factor: int, path: PathLike) -> No
 
 # --------------------------------------------------------------------------------------------------
 # Decoding
+
+
+def decode_bytes(data: bytes, where: str, channels: int = 3) -> torch.Tensor:
+    """Decode an image held in memory (a tar member, a parquet cell) as :func:`image_to_tensor` does.
+
+    Args:
+        data: the encoded image (JPEG, PNG, WebP...).
+        where: how messages name it (``00003.tar:KEY.jpg``).
+
+    Returns:
+        (C,H,W) float32 in [-1,1].
+
+    Raises:
+        UserError: ``"WHERE: problem"``, one line, with no object addresses (skip reports stay byte-identical
+            across reruns).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return image_to_tensor(img, channels=channels).tensor[0]
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{where}: not an image, or a format Pillow cannot read") from None
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{where}: {first_line(err)}") from None
+    except Exception as err:  # one bad member must not end a long run
+        raise UserError(f"{where}: unreadable image ({first_line(err, with_type=True)})") from None
 
 
 class _TooLarge(Exception):

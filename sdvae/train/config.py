@@ -95,6 +95,11 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per training process (0: load in the main process)
 
 
+# The transforms tau of the EQ-VAE regulariser: the names of sdvae.images.transforms.TRANSFORMS (a test
+# keeps the two equal; repeated here so that reading a config does not import torch).
+EquivarianceTransform = Literal["scale_0.5", "scale_0.75", "rotate_90", "flip_horizontal"]
+
+
 @dataclass
 class LossConfig:
     """Weights of each ELBO / perceptual / adversarial term (see sdvae.train.losses)."""
@@ -114,15 +119,36 @@ class LossConfig:
     # PatchGAN normalisation: batch (LDM; synchronised over processes under DDP, so any process count
     # gives the 1-process result), group or none (batch-statistics-free)
     disc_norm: Literal["batch", "group", "none"] = "batch"
+    # EQ-VAE (Kouzelis et al. 2025) weight w: adds w x the reconstruction term (recon_weight x L1/MSE +
+    # lpips_weight x LPIPS) of decode(tau(z)) against tau(x), z the sampled latent, one tau per micro-batch
+    # drawn from equivariance_transforms by (train.seed, micro-batch count); 0: off
+    equivariance: float = 0.0
+    # the tau drawn from (uniformly; repeats weight one): box resampling to 1/2 or 3/4 of each side (latent
+    # sides must be multiples of 2 or 4), counter-clockwise 90-degree rotation, left-right mirror
+    equivariance_transforms: tuple[EquivarianceTransform, ...] = (
+        "scale_0.5", "scale_0.75", "rotate_90", "flip_horizontal")
+    # scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders") weight w:
+    # adds w x the reconstruction term of decode(down(z)) against down(x), down = 2x2 box average; 0: off
+    scale_equivariance: float = 0.0
 
     def __post_init__(self) -> None:
         """Checked on construction too (configs built in code never reach the YAML loader)."""
         _check_choices(self, "loss")
         if self.disc_weight > 0 and self.disc_layers < 1:
             raise UserError(f"loss.disc_layers: must be >= 1, got {self.disc_layers}")
-        for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight"):
+        for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight", "equivariance",
+                     "scale_equivariance"):
             if getattr(self, name) < 0:
                 raise UserError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
+        choices = typing.get_args(EquivarianceTransform)
+        for name in self.equivariance_transforms:
+            if name not in choices:
+                raise UserError(f"loss.equivariance_transforms: {name!r} is not one of {', '.join(choices)}")
+        if self.equivariance > 0 and not self.equivariance_transforms:
+            raise UserError("loss.equivariance_transforms: empty, but loss.equivariance > 0 needs at least one")
+        if (self.equivariance > 0 or self.scale_equivariance > 0) and self.recon_weight == self.lpips_weight == 0:
+            raise UserError("loss.equivariance / loss.scale_equivariance: the regularisers reuse the reconstruction "
+                            "term, but loss.recon_weight and loss.lpips_weight are both 0")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""All training-loss math for KL autoencoders: reconstruction, LPIPS, KL, PatchGAN terms.
+"""All training-loss math for KL autoencoders: reconstruction, LPIPS, KL, PatchGAN and diffusability terms.
 
 The training script only calls :class:`VAELoss`. The objective is LDM's ``LPIPSWithDiscriminator``
 (the loss the Stable Diffusion VAEs were trained with), with the defects of diffusers' reference
@@ -15,7 +15,7 @@ by the number of image elements** ``D = C·H·W`` (C image channels, 3 for RGB):
 
     nll   = recon_weight·mean|x − x̂|  (or mean (x − x̂)²)  + lpips_weight·mean LPIPS(x, x̂)
     nll   = nll / exp(s) + s                                 (only with learned_logvar; s scalar)
-    total = nll + kl_weight · KL / D + λ · G_adv             (λ: see below; 0 before disc_start)
+    total = nll + w_eq · R(τ) + w_se · R(½) + kl_weight · KL / D + λ · G_adv   (λ: see below; 0 before disc_start)
 
 where ``KL`` is :func:`kl_divergence` (nats per image: summed over the latent C·h·w, averaged over
 the batch) and ``mean`` is over batch and all pixels. Because the total is exactly LDM's loss / D,
@@ -36,6 +36,11 @@ Learned log-variance: LDM defines ``nll = rec / exp(s) + s`` with a learnable sc
 ``configure_optimizers`` never gives ``s`` to an optimizer, so in LDM's code it stays at ``s = 0``
 (``nll = rec``). ``learned_logvar=True`` really learns it (via :meth:`VAELoss.trainable_parameters`).
 
+Diffusability regularisers (off by default): ``R(τ) = recon_weight·mean|τ(x) − decode(τ(z))|`` (or squared)
+``+ lpips_weight·mean LPIPS(τ(x), decode(τ(z)))``, the reconstruction term without the learned logvar on a
+transformed pair, ``z`` the sampled latent the main term decodes; ``loss.equivariance`` (EQ-VAE) draws τ per
+micro-batch, ``loss.scale_equivariance`` uses ×½ box downsampling. The pairs: :mod:`sdvae.train.regularisers`.
+
 Image channels other than RGB (:mod:`sdvae.images.channels`): the reconstruction, KL and PatchGAN terms take
 all C channels; LPIPS, an RGB network, sees the RGB view (a grayscale image repeated to three channels, an
 RGBA image without its alpha), so an RGBA model's alpha is learned from the other terms.
@@ -44,6 +49,7 @@ RGBA image without its alpha), so an RGBA model's alpha is learned from the othe
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +60,7 @@ from sdvae.metrics.information import bits_per_dim, gaussian_kl
 from sdvae.metrics.lpips import build_lpips, lpips_distance
 from sdvae.train.discriminator import NLayerDiscriminator, Norm, generator_adv_loss, hinge_d_loss, vanilla_d_loss
 from sdvae.train.modules import frozen, unwrap
+from sdvae.train.regularisers import transformed_pairs
 
 if TYPE_CHECKING:
     from sdvae.train.config import LossConfig
@@ -297,14 +304,18 @@ class VAELoss(nn.Module):
         posterior_logvar: torch.Tensor,
         step: int,
         last_layer: torch.Tensor | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tau: str | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for the VAE (and logvar) update.
 
-        ``total = nll + kl_weight·KL/D + λ·G_adv`` (see the module docstring; D = C·H·W). Terms whose
-        weight is 0 are left out of the graph (their value is still logged). The discriminator is
-        frozen while it judges ``recon``: its parameters get no gradient from this loss (so a
-        ``discriminator_loss`` backward in the same iteration is not contaminated), while ``recon``
-        does receive the adversarial gradient.
+        ``total = nll + w_eq·R(τ) + w_se·R(½) + kl_weight·KL/D + λ·G_adv`` (see the module docstring;
+        D = C·H·W). Terms whose weight is 0 are left out of the graph (their value is still logged, except
+        the regularisers', not computed at all). The discriminator is frozen while it judges ``recon``: its
+        parameters get no gradient from this loss (so a ``discriminator_loss`` backward in the same
+        iteration is not contaminated), while ``recon`` does receive the adversarial gradient.
 
         Args:
             images: (B, C, H, W) targets in [-1, 1].
@@ -313,12 +324,16 @@ class VAELoss(nn.Module):
             step: global optimizer step (compared with ``disc_start``).
             last_layer: the decoder's last weight (:func:`decoder_last_layer` of the unwrapped VAE);
                 required when the adaptive adversarial weight is active.
+            latents, decode, tau: the sampled z (B, c, h, w) that ``recon`` decodes, the VAE's decoder as a
+                callable and this micro-batch's EQ-VAE τ, for the diffusability regularisers (unused without
+                them; see :func:`sdvae.train.regularisers.transformed_pairs`).
 
         Returns:
             (0-dim fp32 loss, logs): ``loss`` total; ``rec`` unweighted per-element L1/MSE; ``lpips``
             (if enabled) mean distance; ``nll`` per-element reconstruction term incl. logvar;
-            ``logvar`` (if learned); ``kl`` nats/image; ``kl_bpd`` bits/dim; and, with a discriminator,
-            ``g_adv`` (−mean fake logits, 0 before ``disc_start``) and ``d_weight`` (λ incl.
+            ``equivariance`` / ``scale_equivariance`` (only when their weight is > 0) R(τ) / R(½) before
+            their weight; ``logvar`` (if learned); ``kl`` nats/image; ``kl_bpd`` bits/dim; and, with a
+            discriminator, ``g_adv`` (−mean fake logits, 0 before ``disc_start``) and ``d_weight`` (λ incl.
             ``disc_weight``, 0 before ``disc_start``).
         """
         cfg = self.cfg
@@ -343,6 +358,9 @@ class VAELoss(nn.Module):
             logs["logvar"] = logvar
         logs["nll"] = nll
         total = nll
+        for name, (weight, target, decoded) in transformed_pairs(cfg, images, latents, decode, tau).items():
+            logs[name] = term = self._pair_reconstruction(target, decoded)
+            total = total + weight * term
 
         kl = kl_divergence(posterior_mean, posterior_logvar) if cfg.kl_weight > 0 else None
         if kl is None:
@@ -373,6 +391,18 @@ class VAELoss(nn.Module):
             logs["d_weight"] = d_weight
         logs = {"loss": total, **logs}
         return total, self._to_floats(logs)
+
+    # -- diffusability regularisers -------------------------------------------------------------------
+
+    def _pair_reconstruction(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """R: the main reconstruction term on another pair, ``recon_weight``·L1/MSE + ``lpips_weight``·LPIPS (fp32)."""
+        cfg = self.cfg
+        term = cfg.recon_weight * reconstruction_loss(target, recon, cfg.recon) if cfg.recon_weight > 0 else None
+        if self.lpips is not None:
+            lp = cfg.lpips_weight * lpips_distance(self.lpips, rgb_view(target), rgb_view(recon)).mean()
+            term = lp if term is None else term + lp
+        assert term is not None  # LossConfig refuses a regulariser with both weights 0
+        return term.float()
 
     # -- discriminator step -----------------------------------------------------------------------
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
 from sdvae.train.config import ModelConfig
+from sdvae.train.modules import unwrap
 
 
 def prepare_vae(vae: AutoencoderKL, cfg: ModelConfig, channels_last: bool = False) -> int:
@@ -59,6 +62,41 @@ class VAEForward(nn.Module):
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+    """The sampled latent z that :meth:`VAEForward.forward` decodes, from its outputs and the same noise.
+
+    ``mean + exp(logvar/2)·eps`` (diffusers' ``posterior.std`` is ``exp(0.5·logvar)``), ``mean`` when
+    ``eps`` is None: bit for bit the z inside the forward, attached to the encoder's graph. The
+    diffusability regularisers (:mod:`sdvae.train.losses`) transform this z.
+
+    Args:
+        mean, logvar: (B,C,h,w) posterior parameters as the forward returns them.
+        eps: (B,C,h,w) the noise the forward was given, or None.
+    """
+    return mean if eps is None else mean + torch.exp(0.5 * logvar) * eps.to(mean.dtype)
+
+
+def latent_decoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``decode(z) -> images`` of the VAE inside ``model``, for the loss terms that decode other latents.
+
+    Args:
+        model: a :class:`VAEForward`, possibly wrapped (DDP, ``torch.compile``).
+
+    Returns:
+        A callable mapping (B,c,h,w) latents to (B,C,f·h,f·w) images ≈ [-1, 1], attached to the graph.
+        It calls the bare model: gradients of the decoder's parameters still go through DDP's all-reduce,
+        whose hooks sit on the parameters and fire once per backward however often a parameter was used
+        (the iteration's forward went through the wrapper), and autocast is whatever the caller holds.
+    """
+    bare = unwrap(model)
+    vae = bare.vae if isinstance(bare, VAEForward) else bare
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z).sample
+
+    return decode
 
 
 def compile_forward(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:

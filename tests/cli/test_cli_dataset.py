@@ -24,8 +24,8 @@ from sdvae.latents.dataset import LatentDataset
 from sdvae.model.build import build_preset
 
 # `sdvae ARGS` with every batch slowed down, so a test can kill the job between two shards.
-SLOW_CLI = ("import sys, time; import sdvae.latents.export as e; encode = e._encode_batch; "
-            "e._encode_batch = lambda *a, **k: (time.sleep(0.4), encode(*a, **k))[1]; "
+SLOW_CLI = ("import sys, time; import sdvae.latents.encode_job as e; encode = e.encode_batch; "
+            "e.encode_batch = lambda *a, **k: (time.sleep(0.4), encode(*a, **k))[1]; "
             "from sdvae.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 

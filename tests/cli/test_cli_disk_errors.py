@@ -170,18 +170,18 @@ def test_encode_waits_for_in_flight_shard_writes_before_raising(images: Path, tm
     """Shard 0's write fails at once while shard 1's is still running: the error waits for shard 1."""
     import time
 
-    import sdvae.latents.export as export
+    import sdvae.latents.encode_job as job
 
-    real, finished = export._write_finished_shard, []
+    real, finished = job.write_finished_unit, []
 
-    def write(out, k, *args, **kwargs):
-        if k == 0:
+    def write(out, piece, *args, **kwargs):  # piece: (unit, part)
+        if piece[0] == 0:
             raise ENOSPC
         time.sleep(0.5)
-        real(out, k, *args, **kwargs)
-        finished.append(k)
+        real(out, piece, *args, **kwargs)
+        finished.append(piece[0])
 
-    monkeypatch.setattr(export, "_write_finished_shard", write)
+    monkeypatch.setattr(job, "write_finished_unit", write)
     with pytest.raises(OSError, match="No space left"):
         encode_small(images, tmp_path / "latents", shard_size=8)
     assert finished == [1] and (tmp_path / "latents" / "data" / "shard-00001.arrow").is_file()

@@ -70,3 +70,22 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, folder):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sdvae: error: ") and needle in lines[0], (args, lines)
+
+
+@pytest.mark.slow
+def test_cli_eval_diffusability_json(folder):
+    result = run_cli("eval", str(folder), "--model", "test", "--resolution", "32", "--workers", "0", "--no-lpips",
+                     "--no-fid", "--device", "cpu", "--diffusability", "--json")
+    assert result.returncode == 0, result.stderr
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON")  # NaN/Infinity are not JSON
+
+    data = json.loads(result.stdout, parse_constant=no_constants)
+    section = data["metrics"]["diffusability"]
+    assert section["available"] and set(section["equivariance"]) == {
+        "scale_0.5", "scale_0.75", "rotate_90", "flip_horizontal"}
+    assert 0 < section["spectrum"]["latent"]["upper_share"]["mean"] < 1
+    assert section["statistics"]["max_abs_correlation"] >= 0
+    assert set(data["protocol"]["diffusability"]) == {"spectrum", "equivariance", "statistics"}
+    assert all("gap_rotate_90" in row for row in data["per_image"])

@@ -115,7 +115,9 @@ def test_dataset_sources_carry_columns(tmp_path: Path) -> None:
         assert loaded.features["label"].names == ["cat", "dog"]
         assert [r["caption"] for r in loaded] == [f"caption {i}" for i in range(7)]
         assert [r["label"] for r in loaded] == [i % 2 for i in range(7)]
-        assert [r["key"] for r in loaded] == [str(i) for i in range(7)]
+        # parquet shards are streamed: key = shard/row number; a dataset folder is indexed: key = row index
+        keys = [f"train.parquet/{i:09d}" for i in range(7)] if name == "pq" else [str(i) for i in range(7)]
+        assert [r["key"] for r in loaded] == keys and [r["index"] for r in loaded] == list(range(7))
         item = LatentDataset(out)[3]
         assert item["caption"] == "caption 3" and item["label"] == 1
     # parquet readers see the same rows (load_dataset on the Arrow shards)
@@ -219,7 +221,7 @@ def test_rerun_resumes_and_refuses_other_arguments(images: Path, tmp_path: Path,
     assert dataset_rows(out) == full
     assert fit is not None and read_dataset_meta(out)["preview_rgb"] == fit  # per-shard sums: exact on resume
     # A shard without its sums (written by an older version): no fitted map rather than a partial one.
-    (out / "data" / "shard-00001.rgbfit.json").unlink()
+    (out / "data" / "shard-00001.info.json").unlink()
     (out / "sdvae_latents.json").unlink()
     encode_small(images, out)
     assert read_dataset_meta(out)["preview_rgb"] is None

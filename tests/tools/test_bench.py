@@ -1,4 +1,5 @@
-"""tools/bench.py: ``gpu --device cpu --tiny`` is the smoke test of the prepared GPU script."""
+"""tools/bench.py: ``gpu --device cpu --tiny`` is the smoke test of the prepared GPU script; ``encode`` on tar
+shards of a few tiny images (in-process; torchrun and Ray in the slow test)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+import pytest
+
+from helpers import REPO, load_tool
 
 
 def test_gpu_cpu_tiny_mode_runs_every_part_and_writes_json_and_markdown(tmp_path: Path):
@@ -33,3 +36,66 @@ def test_gpu_cpu_tiny_mode_runs_every_part_and_writes_json_and_markdown(tmp_path
     infer = [r for r in rows if r["kind"] == "infer"]
     assert all(r["psnr_vs_fp32"] > 25 for r in infer if r["mode"] != "diffusers-fp32")
     assert "| what | ok |" in proc.stdout and out.with_suffix(".md").read_text().startswith("| what | ok |")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool("bench")
+
+
+def test_encode_on_tar_shards_reports_the_bare_loop_and_the_full_path(bench, tmp_path: Path, monkeypatch):
+    from sdvae.latents import export
+
+    seen, real = [], export.run_encode
+
+    def recording(opts):
+        summary = real(opts)
+        seen.append((opts.src, summary))
+        return summary
+
+    monkeypatch.setattr(export, "run_encode", recording)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "encode.json"
+    assert bench.main(["encode", "--model", "test", "--images", "6", "--resolution", "32", "--batch", "4",
+                       "--shards", "2", "--workers", "0", "--engines", "1", "--out", str(out)]) == 0
+    [(src, summary)] = seen
+    assert src.endswith("/{00000..00001}.tar")  # the shards, not the folder
+    assert summary["shards_total"] == 2 and summary["rows"] == 6 and summary["complete"]
+    result = json.loads(out.read_text())
+    assert result["info"]["shards"] == 2 and result["info"]["images"] == 6
+    bare, one = result["rows"]
+    assert bare["engine"] == "bare" and bare["images_per_s"] > 0 and bare["vs_bare"] == 1
+    assert bare["before"] > 0 and bare["after"] > 0
+    assert one["engine"] == "1" and one["ok"] and one["images"] == 6 and one["images_per_s"] > 0
+    assert one["vs_bare"] == pytest.approx(one["images_per_s"] / bare["images_per_s"])
+    assert 0 <= one["waiting_share"] <= 1 and one["waiting_share"] == pytest.approx(one["waiting_s"] / one["seconds"])
+    assert out.with_suffix(".md").read_text().startswith("| what | images | seconds | images/s |")
+
+
+def test_a_failing_ray_engine_is_a_row_not_a_crash(bench, tmp_path: Path, monkeypatch, capsys):
+    def fail(*args, **kw):
+        raise bench.children.ChildFailed("cmd failed (exit 1):\nTraceback...\nsdvae: --engine ray needs Ray\n")
+
+    monkeypatch.setattr(bench, "_encode_cli", fail)
+    row = bench._engine_row("ray", "src", tmp_path, None)
+    assert row["note"] == "not available (sdvae: --engine ray needs Ray)" and row["ok"]
+    assert "ray: not available (sdvae: --engine ray needs Ray)" in capsys.readouterr().out
+    assert bench._engine_row("2", "src", tmp_path, None)["ok"] is False  # torchrun failing is a failure
+
+
+@pytest.mark.parametrize("spec", ["", "0", "1,two", "gpu"])
+def test_bad_engines_are_refused(bench, spec):
+    with pytest.raises(SystemExit, match="--engines"):
+        bench._engine_names(spec)
+
+
+@pytest.mark.slow
+def test_encode_runs_two_processes_and_the_ray_engine_on_shards(bench, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "encode.json"
+    assert bench.main(["encode", "--model", "test", "--images", "6", "--resolution", "32", "--batch", "4",
+                       "--shards", "2", "--workers", "0", "--engines", "2,ray", "--out", str(out)]) == 0
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["2"]["ok"] and rows["2"]["images"] == 6 and 0 <= rows["2"]["waiting_share"] <= 1
+    ray = rows["ray"]
+    assert (ray["ok"] and ray["images"] == 6) or ray["note"].startswith("not available ("), ray

@@ -161,3 +161,43 @@ def test_timed_steps_reports_speed_memory_flops_and_losses():
     row = steps.timed_steps(recipe, spec, (vae.config.latent_channels, 4, 4), steps=2, warmup=1)
     assert row["images_per_s"] > 0 and row["peak_memory"] > 0 and row["flops_per_step"] > 0
     assert math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])
+
+
+def test_image_files_are_sorted_recursive_and_limited(tmp_path: Path):
+    for name in ("b/2.jpg", "a.png", "b/1.JPG", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in inputs.image_files(tmp_path)] == ["a.png", "b/1.JPG", "b/2.jpg"]
+    assert len(inputs.image_files(tmp_path, 2)) == 2
+
+
+def test_pack_shards_writes_img2dataset_style_shards_of_the_original_bytes(tmp_path: Path):
+    import json
+
+    import webdataset as wds
+
+    inputs.write_photos(tmp_path / "photos", 5, 32, seed=2)
+    files = inputs.image_files(tmp_path / "photos")
+    src = inputs.pack_shards(files, tmp_path / "shards", 2)
+    assert src == f"{tmp_path / 'shards'}/{{00000..00001}}.tar"
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar", "00001.tar"]  # no temp left
+    samples = list(wds.WebDataset(src, shardshuffle=False))  # what a WebDataset reader makes of them
+    assert [s["__key__"] for s in samples] == ["000000000", "000000001", "000000002", "000010000", "000010001"]
+    assert [s["jpg"] for s in samples] == [f.read_bytes() for f in files]  # the files' own bytes, in order
+    metas = [json.loads(s["json"]) for s in samples]
+    assert [m["key"] for m in metas] == [s["__key__"] for s in samples]
+    assert [m["url"] for m in metas] == [f.name for f in files]
+    from PIL import Image
+
+    assert all((m["width"], m["height"]) == Image.open(f).size and m["status"] == "success"
+               for m, f in zip(metas, files, strict=True))
+    again = inputs.pack_shards(files, tmp_path / "again", 2)
+    assert again.startswith(str(tmp_path / "again"))
+    assert all((tmp_path / "again" / n).read_bytes() == (tmp_path / "shards" / n).read_bytes()
+               for n in ("00000.tar", "00001.tar"))  # deterministic
+
+
+def test_pack_shards_refuses_more_shards_than_images(tmp_path: Path):
+    inputs.write_photos(tmp_path, 2, 16)
+    with pytest.raises(ValueError, match="2 images into 3 shards"):
+        inputs.pack_shards(inputs.image_files(tmp_path), tmp_path / "shards", 3)

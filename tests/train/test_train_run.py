@@ -49,10 +49,17 @@ def _final(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "diffusion_pytorch_model.safetensors")
 
 
-def test_resume_is_bit_exact(images: Path, tmp_path: Path) -> None:
-    """Killed (SIGKILL) after step 20 and resumed to 40 == an uninterrupted 40-step run."""
+# The diffusability regularisers on (issue 36): EQ-VAE's τ drawn per micro-batch and the ×½ scale term.
+REGULARISED = ("--loss.equivariance=0.5", "--loss.scale_equivariance=0.25")
+
+
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "regularised"])
+def test_resume_is_bit_exact(images: Path, tmp_path: Path, regularised: bool) -> None:
+    """Killed (SIGKILL) after step 20 and resumed to 40 == an uninterrupted 40-step run (with the
+    regularisers on too: the resumed run draws the τ sequence of the uninterrupted one)."""
     common = ("--train.steps=40", "--train.checkpoint_every=10", "--loss.disc_weight=0.5", "--loss.disc_start=15",
-              "--optim.schedule=cosine", "--optim.warmup_steps=5", "--loss.learned_logvar=true")
+              "--optim.schedule=cosine", "--optim.warmup_steps=5", "--loss.learned_logvar=true",
+              *(REGULARISED if regularised else ()))
     straight = tmp_path / "straight"
     _run(_cmd(images, straight, *common))
 
@@ -100,18 +107,21 @@ def test_discriminator_and_vae_update_every_step_and_stay_fp32(images: Path, tmp
     assert {t.dtype for t in _final(out).values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("disc", [False, True], ids=["no-disc", "disc"])
-def test_two_processes_match_one_process(images: Path, tmp_path: Path, disc: bool) -> None:
+@pytest.mark.parametrize("extra", ["no-disc", "disc", "regularised"])
+def test_two_processes_match_one_process(images: Path, tmp_path: Path, extra: str) -> None:
     """2 CPU (gloo) ranks seeing different images end identical, and equal to 1 process on the global batch,
-    with the discriminator on too (BatchNorm statistics and the adaptive weight over the global batch).
-    The final encoder's measured scaling_factor is written into final/config.json."""
+    with the discriminator on too (BatchNorm statistics and the adaptive weight over the global batch), or
+    the diffusability regularisers (their extra decode runs outside the DDP module's forward; its gradients
+    are all-reduced all the same). The final encoder's measured scaling_factor is written into final/config.json."""
+    disc = extra == "disc"
     one, two = tmp_path / "one", tmp_path / "two"
     common = ("--train.steps=6", "--train.checkpoint_every=6", "--train.ema_decay=0",
-              *(("--loss.disc_weight=0.5", "--loss.disc_start=2") if disc else ()))
+              *(("--loss.disc_weight=0.5", "--loss.disc_start=2") if disc else ()),
+              *(REGULARISED if extra == "regularised" else ()))
     _run(_cmd(images, one, *common, "--train.batch_size=4"))
     proc = _run(_cmd(images, two, *common, "--train.batch_size=2"),
                 launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={29533 + disc}"])
+                          f"--master_port={29533 + ['no-disc', 'disc', 'regularised'].index(extra)}"])
     assert "parameters identical on all 2 process(es)" in proc.stdout + proc.stderr
     a, b = _final(one), _final(two)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -70,3 +70,54 @@ def posterior_noise(count: int, batch: int, shape: tuple[int, int, int], seed: i
     """``count`` seeded (batch, C, h, w) draws of the reparameterisation noise: every step gets the same."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, *shape, generator=gen) for _ in range(count)]
+
+
+def image_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted by relative path), the first ``limit`` of them."""
+    from sdvae.images.load import IMAGE_EXTENSIONS
+
+    found = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return found[:limit] if limit is not None else found
+
+
+def pack_shards(images: list[Path], folder: Path, shards: int) -> str:
+    """Pack image files into ``shards`` WebDataset tar shards as img2dataset writes them; the SRC pattern.
+
+    Shard k is ``folder/{k:05d}.tar``; the images are split in order into runs whose sizes differ by at most
+    one. Each sample is ``KEY.<ext>`` (the file's own bytes, not re-encoded) then ``KEY.json`` (img2dataset's
+    fields: key, url = the file's name, status, width, height); KEY is the shard number (5 digits) then the
+    sample's place in it (4 digits or more), as img2dataset numbers them. Members carry mtime 0, so the same
+    files give the same bytes. Each shard is written atomically.
+
+    Returns:
+        ``folder/{00000..NNNNN}.tar``, the brace range ``encode-dataset`` takes as SRC.
+    """
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from sdvae.atomic import atomic_file
+
+    if shards < 1 or len(images) < shards:
+        raise ValueError(f"cannot pack {len(images)} images into {shards} shards (need 1 <= shards <= images)")
+    base, extra = divmod(len(images), shards)
+    digits = max(4, len(str(base)))
+    start = 0
+    for k in range(shards):
+        part = images[start:start + base + (k < extra)]
+        start += len(part)
+        with atomic_file(Path(folder) / f"{k:05d}.tar") as tmp, tarfile.open(tmp, "w") as tar:
+            for i, path in enumerate(part):
+                key = f"{k:05d}{i:0{digits}d}"
+                with Image.open(path) as im:  # the header only: no pixel is decoded
+                    width, height = im.size
+                meta = {"key": key, "url": path.name, "status": "success", "error_message": None,
+                        "width": width, "height": height, "original_width": width, "original_height": height}
+                for name, data in ((f"{key}{path.suffix.lower()}", path.read_bytes()),
+                                   (f"{key}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+    return f"{folder}/{{00000..{shards - 1:05d}}}.tar"
