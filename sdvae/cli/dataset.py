@@ -23,7 +23,8 @@ def cmd_encode_dataset(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, dtype=args.dtype, store=args.store, num_workers=args.num_workers,
         shard_size=args.shard_size, image_column=args.image_column, split=args.split, carry=carry, seed=args.seed,
         device=args.device, progress=not args.no_progress, format=args.format, engine=args.engine,
-        part_size=args.part_size, ray_workers=args.ray_workers, compile=args.compile, **_bucket_flip_options(args))
+        part_size=args.part_size, ray_workers=args.ray_workers, compile=args.compile,
+        streaming=args.streaming, **_bucket_flip_options(args))
     summary = run_encode(opts)
     if args.json:
         print(json.dumps(summary))
@@ -160,6 +161,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "half the CPU cores, at most 8; not used with --engine ray: its actors decode in threads)")
     p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard (the unit of resuming) "
                    "of a folder or dataset source; tar/parquet shards map one input shard to one output shard")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream a datasets source (hub name or local folder of data files) shard by shard with "
+                   "load_dataset(streaming=True): nothing downloaded or cached first; one output shard per dataset "
+                   "shard (usually one per data file)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoder (one graph per batch shape; the compile time is printed as a "
                    "note). Pays off on long runs at one --resolution, not with many buckets; on CPU it gains little")

@@ -92,6 +92,7 @@ class EncodeOptions:
     hflip: str = "none"  # "both": also store the latents of the mirrored image (latents.flips)
     format: str = "arrow"  # "webdataset": tar shards (latents.webdataset_format)
     part_size: int = 0  # sharded sources: split each input shard's output into parts of this many samples
+    streaming: bool = False  # a datasets reference (hub name, folder) streamed shard by shard (images.datasets_stream)
     engine: str = "torchrun"  # "ray": Ray Data on a local or running cluster (latents.ray_engine)
     compile: bool = False  # torch.compile the encoder (Codec(compile=True)): one graph per batch shape
     ray_workers: int | None = None  # --engine ray: encoder actors (None: one per GPU of the cluster, or 1 on CPUs)
@@ -151,10 +152,16 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def _open_input(opts: EncodeOptions) -> tuple[Any, bool]:
-    """The run's source and whether it is sharded (tar/parquet shards: streamed, one unit per shard)."""
+    """The run's source and whether it is sharded (tar/parquet shards or ``--streaming``: streamed, one unit per
+    shard)."""
     from sdvae.images.shard_stream import ShardedSource, is_sharded_reference
     from sdvae.images.sources import open_source
 
+    if opts.streaming:
+        from sdvae.images.datasets_stream import DatasetsStreamSource
+
+        return DatasetsStreamSource(opts.src, carry=opts.carry, image_column=opts.image_column, split=opts.split,
+                                    cache_dir=opts.cache_dir), True
     if is_sharded_reference(opts.src):
         return ShardedSource(opts.src, carry=opts.carry, image_column=opts.image_column), True
     if is_url(opts.src):
