@@ -85,6 +85,19 @@ def test_a_missing_protocol_package_names_what_to_install() -> None:
         files.exists("nope://b/x")
 
 
+def test_missing_s3fs_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    registry = sys.modules["fsspec.registry"]._registry  # protocol -> class, once a protocol was used
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs -> ImportError, as without the extra
+    for protocol in ("s3", "s3a"):
+        if protocol in registry:
+            monkeypatch.delitem(registry, protocol)
+    with pytest.raises(UserError, match=r"^s3://b/x: reading s3:// needs s3fs: pip install 'sdvae\[remote\]'$"):
+        files.read_bytes("s3://b/x")
+
+
 @pytest.mark.slow
 def test_s3_roundtrip_with_single_put_writes(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
