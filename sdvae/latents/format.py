@@ -205,7 +205,7 @@ def check_arguments(out: str, identity: dict[str, Any]) -> None:
         if Path(out).is_dir() and any(p.name not in (ENCODE_ARGS, "data") and not p.name.startswith(".")
                                       for p in Path(out).iterdir()):
             raise UserError(f"{out}: exists and is not an encode-dataset output; choose a new or empty folder")
-    elif files.list_files(out):
+    elif any(name != ENCODE_ARGS for name in files.list_files(out)):  # another rank may have just written it
         raise UserError(f"{redact(out)}: holds objects and is not an encode-dataset output; choose a new or empty "
                         "prefix")
     files.write_json(args_ref, identity)

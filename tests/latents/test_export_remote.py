@@ -149,3 +149,23 @@ def test_ray_engine_on_a_bucket_equals_one_process(remote_shards: tuple[Path, st
         assert run.returncode == 0, run.stderr[-3000:]
     assert "complete: 9 rows" in run.stdout and "1 Ray worker(s)" in run.stdout
     assert _tree(f"{s3}/ray") == _tree(f"{s3}/one")
+
+
+def test_a_prefix_with_other_objects_is_refused_but_not_a_rank_that_started_first(
+        remote_shards: tuple[Path, str], s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from sdvae.latents import format as fmt
+
+    _, remote = remote_shards
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(f"{s3.removeprefix('s3://')}/taken/notes.txt", b"someone else's")
+    with pytest.raises(UserError, match=r"taken: holds objects and is not an encode-dataset output"):
+        encode_small(remote + "/*.tar", f"{s3}/taken")  # type: ignore[arg-type]
+    # Two ranks starting together: the other one wrote the (identical) arguments between our look and our listing.
+    encode_small(remote + "/*.tar", f"{s3}/first")  # type: ignore[arg-type]
+    args = fs.cat_file(f"{s3.removeprefix('s3://')}/first/{fmt.ENCODE_ARGS}")
+    fs.pipe_file(f"{s3.removeprefix('s3://')}/race/{fmt.ENCODE_ARGS}", args)
+    real = fmt.files.exists
+    monkeypatch.setattr(fmt.files, "exists", lambda ref: False if ref.endswith(fmt.ENCODE_ARGS) else real(ref))
+    assert encode_small(remote + "/*.tar", f"{s3}/race")["complete"]  # type: ignore[arg-type]
