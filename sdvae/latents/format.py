@@ -353,12 +353,9 @@ def finalize(out: str, identity: dict[str, Any], features: Any, meta: dict[str, 
         return None
     names = [name for unit in units for name in unit or ()]
     skipped, infos = [], []
-    for name in names:
-        side = name.rsplit(".", 1)[0]
-        if _base(side + ".skipped.json") in present:
-            skipped.extend(files.read_json(join(out, side + ".skipped.json")))
-        has_info = _base(side + ".info.json") in present
-        infos.append(files.read_json(join(out, side + ".info.json")) if has_info else _legacy_info(out, name))
+    for reports, info in _side_files(out, names, present):
+        skipped.extend(reports)
+        infos.append(info)
     shard_rows = [int(info["rows"]) for info in infos]
     meta = {**meta, "rows": sum(shard_rows), "skipped": len(skipped), "num_shards": num_units, "layout": layout,
             "shard_files": names, "shard_rows": shard_rows, "preview_rgb": combined_rgb_fit(infos)}
@@ -375,6 +372,24 @@ def finalize(out: str, identity: dict[str, Any], features: Any, meta: dict[str, 
             leftover.unlink(missing_ok=True)
     files.write_json(join(out, DATASET_META), meta)
     return meta
+
+
+def _side_files(out: str, names: list[str], present: dict[str, int]) -> list[tuple[list[Any], dict[str, Any]]]:
+    """(skip reports, info) of each rows file, in order; read by 16 threads in an object store, where each small
+    file is a request (10,000 units: seconds rather than minutes)."""
+    def read(name: str) -> tuple[list[Any], dict[str, Any]]:
+        side = name.rsplit(".", 1)[0]
+        reports = files.read_json(join(out, side + ".skipped.json")) if _base(side + ".skipped.json") in present \
+            else []
+        has_info = _base(side + ".info.json") in present
+        return reports, files.read_json(join(out, side + ".info.json")) if has_info else _legacy_info(out, name)
+
+    if not is_url(out):
+        return [read(name) for name in names]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, names))
 
 
 def _write_datasets_files(out: str, names: list[str], sizes: dict[str, int], features: Any,
