@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
               "processes": accelerator.num_processes, "train_rows": len(train_rows), "held_out_rows": len(held),
               "parameters": sum(p.numel() for p in unet.parameters()), "latent_shape": [channels, h, w],
               "held_out_loss": {"step_0": log["held_out"][0][1], "end": log["held_out"][-1][1]},
+              "held_out_curve": log["held_out"],  # [step, loss] at step 0 and at every checkpoint
               "train_loss_last_100": float(tr[-100:, 1].mean()) if len(tr) else None,
               "generated": {"count": min(args.num_stats, len(z)),
                             "sampler": f"{args.sampler.upper()} {args.sample_steps} steps",
