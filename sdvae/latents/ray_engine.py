@@ -36,10 +36,10 @@ attaches to some other local Ray process found by name). Ray must be installed o
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
-import pickle
 import threading
 import time
 import uuid
@@ -322,10 +322,10 @@ class _UnitEncoder:
             self.error = str(err)
 
     def _thread_job(self) -> Job:
-        """This thread's job: the actor's, with a copy of the source of its own (sources are picklable)."""
+        """This thread's job: the actor's, with a copy of the source of its own (a sharded source appends notes)."""
         job = getattr(self.local, "job", None)
         if job is None:
-            job = dataclasses.replace(self.job, source=pickle.loads(pickle.dumps(self.job.source)))
+            job = dataclasses.replace(self.job, source=copy.deepcopy(self.job.source))
             self.local.job = job
         return job
 
