@@ -22,6 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,9 +61,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _plot_losses(log: dict, held: int, out: Path) -> torch.Tensor:
+    """``loss.png``: the training loss (per step and smoothed) and the held-out loss; returns the training log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    tr = torch.tensor(log["train"])
+    if len(tr):
+        k = max(1, len(tr) // 100)  # a running mean over ~1% of the run
+        smooth = torch.nn.functional.avg_pool1d(tr[None, None, :, 1], k, stride=1)[0, 0]
+        ax.plot(tr[:, 0], tr[:, 1], color="0.8", lw=0.5, label="train (per step)")
+        ax.plot(tr[k - 1:, 0], smooth, color="C0", label=f"train (mean of {k})")
+    ho = torch.tensor(log["held_out"])
+    ax.plot(ho[:, 0], ho[:, 1], "o-", color="C1", ms=3, label=f"held-out ({held} latents)")
+    ax.set(xlabel="step", ylabel="noise-prediction MSE", yscale="log", title="latent diffusion on sdvae latents")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    return tr
+
+
+def _sample(args: argparse.Namespace, unet: torch.nn.Module, scheduler: Any, shape: tuple[int, int, int],
+            data: LatentDataset, device: torch.device, out: Path) -> torch.Tensor:
+    """Generate latents on the trained schedule, decode the first ``--num-samples`` into ``samples.png``;
+    returns the generated latents, unscaled (the VAE's space)."""
+    # DDPM ancestral or DDIM; the latents are scaled, so unscale them.
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from sdvae.codec.codec import Codec
+    from sdvae.images.compose import image_grid
+    from sdvae.images.write import save_image
+    from sdvae.model.load import load_vae
+
+    sampling = (DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler).from_config(scheduler.config)
+    sampling.set_timesteps(args.sample_steps)
+    g = seeded_generator(args.seed, "sample")
+    latents = []
+    with torch.no_grad():
+        for i in range(0, max(args.num_stats, args.num_samples), 500):
+            x = torch.randn((min(500, max(args.num_stats, args.num_samples) - i), *shape), generator=g).to(device)
+            for t in sampling.timesteps:
+                x = sampling.step(unet(x, t).sample, t, x, generator=g).prev_sample
+            latents.append(x.cpu())
+    scaled = torch.cat(latents)
+    z = unscale_latents(scaled, data.scaling)
+    vae = load_vae(args.vae or data.meta["model"])
+    codec = Codec(vae)
+    grid = image_grid(codec.decode(z[:args.num_samples]), nrow=math.ceil(math.sqrt(args.num_samples)))
+    save_image(grid, out / "samples.png")
+    return z
+
+
+def _generated_stats(args: argparse.Namespace, z: torch.Tensor) -> dict:
+    """Per-channel and global mean/std of the first ``--num-stats`` generated latents (unscaled)."""
+    stats = z[:args.num_stats].double().transpose(0, 1).reshape(z.shape[1], -1)  # the VAE's channels (FLUX.2: C)
+    return {"count": min(args.num_stats, len(z)), "sampler": f"{args.sampler.upper()} {args.sample_steps} steps",
+            "channel_mean": stats.mean(1).tolist(), "channel_std": stats.std(1, unbiased=False).tolist(),
+            "mean": stats.mean().item(), "std": stats.std(unbiased=False).item()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
 
     args = parse_args(argv)
     accelerator = Accelerator()
@@ -150,63 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not accelerator.is_main_process:
         return {}
 
-    # Loss curve.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    tr = torch.tensor(log["train"])
-    if len(tr):
-        k = max(1, len(tr) // 100)  # a running mean over ~1% of the run
-        smooth = torch.nn.functional.avg_pool1d(tr[None, None, :, 1], k, stride=1)[0, 0]
-        ax.plot(tr[:, 0], tr[:, 1], color="0.8", lw=0.5, label="train (per step)")
-        ax.plot(tr[k - 1:, 0], smooth, color="C0", label=f"train (mean of {k})")
-    ho = torch.tensor(log["held_out"])
-    ax.plot(ho[:, 0], ho[:, 1], "o-", color="C1", ms=3, label=f"held-out ({len(held)} latents)")
-    ax.set(xlabel="step", ylabel="noise-prediction MSE", yscale="log", title="latent diffusion on sdvae latents")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png")
-
-    # Sampling on the trained schedule (DDPM ancestral or DDIM); latents are scaled, so unscale them.
-    from sdvae.codec.codec import Codec
-    from sdvae.images.compose import image_grid
-    from sdvae.images.write import save_image
-    from sdvae.model.load import load_vae
-
+    tr = _plot_losses(log, len(held), out)
     unet = accelerator.unwrap_model(model).eval()
-    sampling = (DDPMScheduler if args.sampler == "ddpm" else DDIMScheduler).from_config(scheduler.config)
-    sampling.set_timesteps(args.sample_steps)
-    g = seeded_generator(args.seed, "sample")
-    latents = []
-    with torch.no_grad():
-        for i in range(0, max(args.num_stats, args.num_samples), 500):
-            x = torch.randn((min(500, max(args.num_stats, args.num_samples) - i), channels, h, w), generator=g)
-            x = x.to(accelerator.device)
-            for t in sampling.timesteps:
-                x = sampling.step(unet(x, t).sample, t, x, generator=g).prev_sample
-            latents.append(x.cpu())
-    scaled = torch.cat(latents)
-    z = unscale_latents(scaled, data.scaling)
-    vae = load_vae(args.vae or data.meta["model"])
-    codec = Codec(vae)
-    grid = image_grid(codec.decode(z[:args.num_samples]), nrow=math.ceil(math.sqrt(args.num_samples)))
-    save_image(grid, out / "samples.png")
-
-    stats = z[:args.num_stats].double().transpose(0, 1).reshape(z.shape[1], -1)  # the VAE's channels (FLUX.2: C)
+    z = _sample(args, unet, scheduler, (channels, h, w), data, accelerator.device, out)
     report = {"steps": step, "preset": args.preset, "batch_size": args.batch_size,
               "processes": accelerator.num_processes, "train_rows": len(train_rows), "held_out_rows": len(held),
               "parameters": sum(p.numel() for p in unet.parameters()), "latent_shape": [channels, h, w],
               "held_out_loss": {"step_0": log["held_out"][0][1], "end": log["held_out"][-1][1]},
               "held_out_curve": log["held_out"],  # [step, loss] at step 0 and at every checkpoint
               "train_loss_last_100": float(tr[-100:, 1].mean()) if len(tr) else None,
-              "generated": {"count": min(args.num_stats, len(z)),
-                            "sampler": f"{args.sampler.upper()} {args.sample_steps} steps",
-                            "channel_mean": stats.mean(1).tolist(),
-                            "channel_std": stats.std(1, unbiased=False).tolist(),
-                            "mean": stats.mean().item(), "std": stats.std(unbiased=False).item()},
+              "generated": _generated_stats(args, z),
               "scaling": data.scaling}
     write_json(out / "report.json", report)
     print(json.dumps(report["held_out_loss"]))
