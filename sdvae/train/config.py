@@ -194,6 +194,11 @@ class TrainConfig:
     # loss or gradient; the last checkpoint (written before the streak's end) is kept. 0: never stop
     max_bad_steps: int = 20
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "val_every"):
+            if getattr(self, name) < 1:  # the step loop takes each as a modulus or a count
+                raise UserError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class LogConfig:
@@ -203,6 +208,10 @@ class LogConfig:
     # accelerate tracker(s): tensorboard | wandb | all | none (samples/step-N.png are written whatever this is)
     with_: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     project: str = "sdvae"  # tracker project name (wandb)
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise UserError(f"log.every: must be >= 1, got {self.every}")
 
 
 @dataclass

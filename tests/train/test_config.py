@@ -61,6 +61,10 @@ def test_overrides_are_typed_and_nested(tmp_path: Path):
     (["--data.mosaic_grids=[1, x]"], "data.mosaic_grids[1]: expected int"),
     (["steps=3"], "overrides look like --section.key=value"),
     (["--steps=3"], "overrides look like --section.key=value"),
+    (["--train.val_every=0"], "train.val_every: must be >= 1, got 0"),
+    (["--train.checkpoint_every=-5"], "train.checkpoint_every: must be >= 1"),
+    (["--train.batch_size=0"], "train.batch_size: must be >= 1"),
+    (["--log.every=0"], "log.every: must be >= 1"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides: list[str], message: str):
     with pytest.raises(UserError, match=None) as err:
