@@ -8,7 +8,10 @@ One ``main``, top to bottom: a diffusers ``UNet2DModel`` learns to predict the n
 (posterior draws z = mean + σ·ε, new each epoch), in batches of one latent shape from
 ``BucketBatchSampler`` (sharded over processes by rank). ``--held-out`` rows never train; their
 denoising loss (fixed noise and timesteps) is measured at step 0 and at every checkpoint.
-``OUT/checkpoint.pt`` is written every ``--save-every`` steps: run the same command again to resume.
+A checkpoint (``OUT/checkpoints/step-N/``: the UNet, AdamW state and RNG states in safetensors, the step
+and the loss log in ``state.json``; no pickle; only the newest kept) is written every ``--save-every`` steps:
+run the same command again (a larger ``--steps`` to go further) to resume exactly where it stopped. A
+``checkpoint.pt`` of earlier versions (a pickle) is ignored, not loaded.
 At the end: ``loss.png`` (training loss and held-out loss against steps), ``samples.png`` (the VAE's
 decoding of generated latents, unscaled with the dataset's recorded factors), and ``report.json``
 (held-out loss at step 0 and at the end, per-channel mean/std of ``--num-stats`` generated latents,
@@ -26,11 +29,13 @@ from typing import Any
 
 import torch
 
-from sdvae.atomic import atomic_file, write_json
+from sdvae.atomic import write_json
+from sdvae.device import cuda_available
 from sdvae.latents.bucket_sampler import BucketBatchSampler
 from sdvae.latents.dataset import LatentDataset
 from sdvae.latents.scaling import unscale_latents
 from sdvae.seeding import seeded_generator
+from sdvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 PRESETS = {  # UNet2DModel widths and blocks: "test" runs in seconds; "small" (0.7M parameters) suits 8x8 latents
     "test": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import DDPMScheduler, UNet2DModel
 
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not cuda_available())  # without a GPU: gloo multi-process when launched so
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the UNet's initial weights
@@ -147,14 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
     # latents have unit variance and channel means up to ~1, so clipping would shrink every sample.
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ckpt = out / "checkpoint.pt"
-    step, log = 0, {"train": [], "held_out": []}
-    if ckpt.is_file():  # resume: weights, optimizer, step and the loss log
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, log = state["step"], state["log"]
-        accelerator.print(f"resumed at step {step}")
+    step, log = 0, {"train": [], "held_out": []}  # log: [step, loss] pairs
+    if (out / "checkpoint.pt").is_file():  # earlier versions' resume state: a pickle, never unpickled
+        accelerator.print(f"ignoring {out / 'checkpoint.pt'} (legacy pickle format, not loaded)")
+    found = latest_checkpoint(out)
+    if found is not None:  # resume: weights, optimizer, RNG states, step and the loss log
+        step, _, meta = load_checkpoint(found, modules={"unet": model}, optimizers={"unet": optimizer},
+                                        schedulers={}, rank=accelerator.process_index)
+        log = meta["log"]
+        accelerator.print(f"resumed at step {step} from {found}")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # Held-out loss: fixed latents (epoch-0 posterior draws), noise and timesteps, so values compare.
@@ -176,12 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         return sum(losses) / held_noise.numel()
 
-    def save() -> None:
-        if accelerator.is_main_process:
-            state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "log": log}
-            with atomic_file(ckpt) as tmp:
-                torch.save(state, tmp)
+    def save() -> None:  # on every process (each writes its RNG state); the newest checkpoint only is kept
+        save_checkpoint(out, step, modules={"unet": accelerator.unwrap_model(model)}, optimizers={"unet": optimizer},
+                        schedulers={}, extra_tensors={}, meta={"log": log}, rank=accelerator.process_index,
+                        is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone, keep=1)
 
     if step == 0:
         log["held_out"].append([0, held_out_loss()])
