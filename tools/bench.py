@@ -492,9 +492,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 # to sdvae's default precision on the device; diffusers-autocast: fp32 weights under autocast in it;
 # diffusers-compile: what an expert writes (diffusers' own speed-up guide): default precision, channels-last,
 # torch.compile of the encoder and decoder; default / fp32 / bf16 / fp16: sdvae's Codec with --dtype auto /
-# that dtype; compiled: the Codec's default with compile=True.
+# that dtype; unfused: the default without the fused eager path (sdvae.codec.fused); compiled: the Codec's
+# default with compile=True.
 INFER_MODES = ("diffusers-fp32", "diffusers-default", "diffusers-autocast", "diffusers-compile", "default",
-               "compiled", "fp32", "bf16", "fp16")
+               "unfused", "compiled", "fp32", "bf16", "fp16")
 INFER_DEFAULT_MODES = "diffusers-fp32,diffusers-default,diffusers-compile,default,compiled"
 
 
@@ -519,8 +520,8 @@ def _infer_runner(vae, mode: str, device: str):
     from sdvae.model.dtypes import resolve_dtype, torch_dtype
 
     if not mode.startswith("diffusers"):
-        codec = Codec(vae, device=device, dtype="auto" if mode in ("default", "compiled") else mode, tile="auto",
-                      compile=mode == "compiled")
+        codec = Codec(vae, device=device, dtype="auto" if mode in ("default", "unfused", "compiled") else mode,
+                      tile="auto", compile=mode == "compiled", fused=False if mode == "unfused" else None)
         return (lambda x: codec.roundtrip(x)[0]), codec.dtype_name
     used = "fp32" if mode == "diffusers-fp32" else resolve_dtype("auto", device)
     cast = torch_dtype(used) if mode in ("diffusers-default", "diffusers-compile") else torch.float32
@@ -554,7 +555,9 @@ def cmd_infer_child(args: argparse.Namespace) -> None:
     _, first = time_calls(lambda: run(x), args.device, 1, 0)  # compiled modes: the compile, plus one run
     out, watch = time_calls(lambda: run(x), args.device, args.repeats, max(args.warmup - 1, 0))
     if args.save:
-        torch.save({"out": out, "x": x}, args.save)
+        from safetensors.torch import save_file  # the hand-off to the parent: tensors only, no pickle
+
+        save_file({"out": out.detach().cpu().contiguous(), "x": x.detach().cpu().contiguous()}, args.save)
     print(json.dumps({"seconds": watch.median, "first_seconds": first.total, "peak_memory": peak_bytes(args.device),
                       "dtype": used, "ok": bool(torch.isfinite(out).all())}))
 
@@ -574,12 +577,12 @@ def infer_flops(preset: str, size: int) -> int:
 def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespace, tmp: str) -> list[dict]:
     """Each mode in its own ``_infer-child``: seconds, peak memory, TFLOP/s and share of peak, PSNR and
     speed against diffusers fp32 (when among ``modes``)."""
-    import torch
+    from safetensors.torch import load_file
 
     flops = infer_flops(preset, size)
     rows = {}
     for mode in modes:
-        save = str(Path(tmp) / f"{preset}-{size}-{mode}.pt")
+        save = str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors")
         child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size), "--device",
                              args.device, "--save", save, "--repeats", str(args.repeats), "--warmup",
                              str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
@@ -587,9 +590,9 @@ def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespac
         rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
                        "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": save}
     base, same = rows.get("diffusers-fp32"), rows.get("diffusers-default")
-    ref = torch.load(base["save"], weights_only=True)["out"] if base else None
+    ref = load_file(base["save"])["out"] if base else None
     for mode, row in rows.items():
-        out = torch.load(row.pop("save"), weights_only=True)["out"]
+        out = load_file(row.pop("save"))["out"]
         row["speed"] = f"{base['seconds'] / row['seconds']:.2f}x" if base else "–"
         row["speed_same"] = (f"{same['seconds'] / row['seconds']:.2f}x"
                              if same and same["precision"] == row["precision"] else "–")
@@ -634,7 +637,7 @@ def _default_train_precisions() -> str:
 GPU_TRAIN_ROWS = {"train ours bf16": ("ours", "bf16"), "train ours fp16": ("ours", "fp16"),
                   "train ldm same-work fp32": ("ldm", "no"), "train ldm same-work bf16": ("ldm", "bf16"),
                   "train example bf16": ("example", "bf16")}
-GPU_INFER_MODES = ["diffusers-fp32", "diffusers-default", "default"]
+GPU_INFER_MODES = ["diffusers-fp32", "diffusers-default", "unfused", "default"]
 GPU_COMPILE_MODES = ["diffusers-compile", "compiled"]  # at the largest size only (compiling takes minutes)
 GPU_COLUMNS = [("what", "what"), ("ok", "ok"), ("images_per_s", "images/s"), ("seconds", "seconds"),
                ("first_seconds", "first call s"),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from sdvae.codec import TILE_MODES
+from sdvae.codec.fused import FusedPath, fused_path
 from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
 from sdvae.images.channels import model_channels
 from sdvae.model.dtypes import resolve_dtype, torch_dtype
@@ -163,6 +164,10 @@ class Codec:
             shape, reused for every later batch of that shape; on CUDA also cuDNN autotuning). A string
             names the ``torch.compile`` backend (True: ``inductor``). Tiled runs and the fp32 fallback stay
             eager. The first call of each shape pays the compile: only long jobs of fixed shapes gain.
+        fused: run the low-precision (fp16/bf16) model on :mod:`sdvae.codec.fused`'s eager path (in-place
+            activations and residuals, sub-pixel upsampling convs; same weights, bf16-tolerance rounding).
+            None (default): on for fp16/bf16 when not compiling. fp32 always runs diffusers' modules, bit
+            for bit, and so does any structure the fused path does not know.
 
     Attributes:
         channels: the model's image channel count C (1 grayscale, 3 RGB, 4 RGBA): images are (B,C,H,W).
@@ -175,7 +180,8 @@ class Codec:
     """
 
     def __init__(self, vae: AutoencoderKL, *, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 tile: str = "auto", memory_format: str = "auto", compile: bool | str = False):
+                 tile: str = "auto", memory_format: str = "auto", compile: bool | str = False,
+                 fused: bool | None = None):
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         self.device = torch.device(device)
@@ -193,6 +199,8 @@ class Codec:
         self._master_laid_out = False
         self._compiled: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._graphs: set[tuple] = set()
+        self._fused_wanted = (self.compile_backend is None) if fused is None else fused
+        self._fused: FusedPath | None = None
 
     @property
     def config(self) -> dict:
@@ -213,6 +221,8 @@ class Codec:
             return self.master
         if self._low is None:
             self._low = _cast(copy.deepcopy(self.master), dtype).to(memory_format=self._layout)
+            if self._fused_wanted:
+                self._fused = fused_path(self._low)
         return self._low
 
     def _layout_of(self, model: AutoencoderKL) -> torch.memory_format:
@@ -220,10 +230,15 @@ class Codec:
         return self._layout if model is self._model(self.dtype) else torch.contiguous_format
 
     def _part(self, model: AutoencoderKL, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``model.encoder`` / ``model.decoder``, through ``torch.compile`` when asked (the computing model
-        only; the fp32 fallback stays eager), timing the first call of each input shape."""
+        """``model.encoder`` / ``model.decoder`` of the computing model: the fused path's for fp16/bf16 (when
+        on), else the module, through ``torch.compile`` when asked (timing the first call of each input shape);
+        the fp32 fallback of a low-precision codec is always the plain module."""
         module = getattr(model, name)
-        if self.compile_backend is None or model is not self._model(self.dtype):
+        if model is not self._model(self.dtype):
+            return module
+        if self._fused is not None and model is self._low:
+            return getattr(self._fused, name)
+        if self.compile_backend is None:
             return module
         if name not in self._compiled:
             self._compiled[name] = torch.compile(module, backend=self.compile_backend, dynamic=False)
