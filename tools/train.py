@@ -36,6 +36,7 @@ from sdvae.model.info import downsample_factor, scaled_factor
 from sdvae.model.load import load_vae
 from sdvae.model.save import save_diffusers
 from sdvae.seeding import seed_global_rngs
+from sdvae.train.alignment import encoder_last_layer
 from sdvae.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sdvae.train.config import RunConfig, config_help, config_to_dict, dump_config, load_config
 from sdvae.train.ema import EMA
@@ -96,7 +97,8 @@ def main(cfg: RunConfig) -> dict[str, float]:
         raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the downsampling factor "
                         f"{scaled_factor(vae)}")
     latent_shape = (vae.config.latent_channels, cfg.data.resolution // factor, cfg.data.resolution // factor)
-    loss_fn = VAELoss(cfg.loss, image_channels=channels).to(device)  # (its LPIPS backbone is channels-last already)
+    # (its LPIPS backbone is channels-last already; loss.alignment: VA-VAE's backbone and trained projection)
+    loss_fn = VAELoss(cfg.loss, image_channels=channels, latent_channels=latent_shape[0]).to(device)
     if cfg.train.channels_last:  # the discriminator takes the memory format of the reconstructions
         loss_fn.to(memory_format=torch.channels_last)
     use_disc = cfg.loss.disc_weight > 0
@@ -165,6 +167,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
 
     # --- train -----------------------------------------------------------------------------------
     last_layer = decoder_last_layer(vae)  # for the adaptive GAN weight (LDM)
+    enc_layer = encoder_last_layer(vae) if cfg.loss.alignment_adaptive else None  # VA-VAE's adaptive VF weight
     decode = latent_decoder(model)  # the diffusability regularisers decode transformed latents
     trainable = [p for p in [*vae.parameters(), *loss_fn.trainable_parameters()] if p.requires_grad]
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -194,7 +197,7 @@ def main(cfg: RunConfig) -> dict[str, float]:
                     recon, mean, logvar = model(images, eps)
                     g_loss, g_logs = loss_fn.generator_loss(images, recon, mean, logvar, step, last_layer,
                                                             latents=reparameterize(mean, logvar, eps),
-                                                            decode=decode, tau=tau)
+                                                            decode=decode, tau=tau, encoder_last_layer=enc_layer)
                 accelerator.backward(g_loss / ga)  # fp16: scaled by accelerate's GradScaler
             if use_disc:
                 with accelerator.no_sync(loss_fn.discriminator) if micro < ga - 1 else contextlib.nullcontext():

@@ -130,6 +130,15 @@ class LossConfig:
     # scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders") weight w:
     # adds w x the reconstruction term of decode(down(z)) against down(x), down = 2x2 box average; 0: off
     scale_equivariance: float = 0.0
+    # VA-VAE (Yao et al. 2025) weight w: adds w x VF(P(z), f), P a trained 1x1 projection of the sampled latent z,
+    # f a frozen backbone's patch features of the image on the latent grid (sdvae.train.alignment); 0: off
+    alignment: float = 0.0
+    alignment_backbone: str = ""  # alignment_model's local .safetensors or its folder (never downloaded; extra align)
+    alignment_model: str = "vit_large_patch14_dinov2"  # timm ViT name of the backbone (VA-VAE: DINOv2 ViT-L/14)
+    alignment_cos_margin: float = 0.5  # m1: a position adds nothing once cos(P(z), f) >= 1 - m1 (VA-VAE: 0.5)
+    alignment_distmat_margin: float = 0.25  # m2: a position pair adds nothing once its cosines differ by <= m2
+    # VA-VAE's adaptive weight w x |grad nll| / |grad VF| at the encoder's last conv (2 more backward passes); false: w
+    alignment_adaptive: bool = False
 
     def __post_init__(self) -> None:
         """Checked on construction too (configs built in code never reach the YAML loader)."""
@@ -137,7 +146,7 @@ class LossConfig:
         if self.disc_weight > 0 and self.disc_layers < 1:
             raise UserError(f"loss.disc_layers: must be >= 1, got {self.disc_layers}")
         for name in ("recon_weight", "lpips_weight", "kl_weight", "disc_weight", "equivariance",
-                     "scale_equivariance"):
+                     "scale_equivariance", "alignment"):
             if getattr(self, name) < 0:
                 raise UserError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
         choices = typing.get_args(EquivarianceTransform)
@@ -149,6 +158,11 @@ class LossConfig:
         if (self.equivariance > 0 or self.scale_equivariance > 0) and self.recon_weight == self.lpips_weight == 0:
             raise UserError("loss.equivariance / loss.scale_equivariance: the regularisers reuse the reconstruction "
                             "term, but loss.recon_weight and loss.lpips_weight are both 0")
+        if bad := [n for n in ("alignment_cos_margin", "alignment_distmat_margin") if not 0 <= getattr(self, n) <= 2]:
+            raise UserError(f"loss.{bad[0]}: must be in [0, 2] (cosines lie in [-1, 1]), got {getattr(self, bad[0])}")
+        if self.alignment > 0 and not self.alignment_backbone:  # one line, naming the file to fetch
+            raise UserError("loss.alignment_backbone: empty, but loss.alignment > 0 needs the backbone's local weights "
+                            "(`hf download timm/vit_large_patch14_dinov2.lvd142m model.safetensors --local-dir DIR`)")
 
 
 @dataclass
@@ -224,6 +238,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:  # checks across sections
+        if self.loss.alignment > 0 and not self.model.train_encoder:
+            raise UserError("loss.alignment: aligns the encoder's latents, but model.train_encoder is false")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

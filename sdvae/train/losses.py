@@ -15,7 +15,7 @@ by the number of image elements** ``D = C·H·W`` (C image channels, 3 for RGB):
 
     nll   = recon_weight·mean|x − x̂|  (or mean (x − x̂)²)  + lpips_weight·mean LPIPS(x, x̂)
     nll   = nll / exp(s) + s                                 (only with learned_logvar; s scalar)
-    total = nll + w_eq · R(τ) + w_se · R(½) + kl_weight · KL / D + λ · G_adv   (λ: see below; 0 before disc_start)
+    total = nll + w_eq·R(τ) + w_se·R(½) + w_al·VF + kl_weight·KL/D + λ·G_adv   (λ: see below; 0 before disc_start)
 
 where ``KL`` is :func:`kl_divergence` (nats per image: summed over the latent C·h·w, averaged over
 the batch) and ``mean`` is over batch and all pixels. Because the total is exactly LDM's loss / D,
@@ -40,6 +40,8 @@ Diffusability regularisers (off by default): ``R(τ) = recon_weight·mean|τ(x) 
 ``+ lpips_weight·mean LPIPS(τ(x), decode(τ(z)))``, the reconstruction term without the learned logvar on a
 transformed pair, ``z`` the sampled latent the main term decodes; ``loss.equivariance`` (EQ-VAE) draws τ per
 micro-batch, ``loss.scale_equivariance`` uses ×½ box downsampling. The pairs: :mod:`sdvae.train.regularisers`.
+``loss.alignment`` (VA-VAE): ``VF`` aligns a trained projection of ``z`` with a frozen backbone's features of ``x``,
+weighted by ``w_al`` (fixed or adaptive); :class:`sdvae.train.alignment.VFAlignment` holds it all.
 
 Image channels other than RGB (:mod:`sdvae.images.channels`): the reconstruction, KL and PatchGAN terms take
 all C channels; LPIPS, an RGB network, sees the RGB view (a grayscale image repeated to three channels, an
@@ -58,16 +60,14 @@ from torch import nn
 from sdvae.images.channels import rgb_view
 from sdvae.metrics.information import bits_per_dim, gaussian_kl
 from sdvae.metrics.lpips import build_lpips, lpips_distance
+from sdvae.train.adaptive import adaptive_weight
+from sdvae.train.alignment import FrozenBackbone, VFAlignment
 from sdvae.train.discriminator import NLayerDiscriminator, Norm, generator_adv_loss, hinge_d_loss, vanilla_d_loss
 from sdvae.train.modules import frozen, unwrap
 from sdvae.train.regularisers import transformed_pairs
 
 if TYPE_CHECKING:
     from sdvae.train.config import LossConfig
-
-ADAPTIVE_EPS = 1e-4  # LDM: keeps λ finite when the adversarial gradient vanishes
-ADAPTIVE_MAX = 1e4  # LDM's clamp on λ
-
 
 # --------------------------------------------------------------------------------------------------
 # Elementary terms
@@ -110,86 +110,33 @@ def reconstruction_loss(images: torch.Tensor, recon: torch.Tensor, kind: str = "
     raise ValueError(f"reconstruction_loss: kind must be 'l1' or 'mse', got {kind!r}")
 
 
-def adaptive_weight(
-    nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = ADAPTIVE_MAX
-) -> torch.Tensor:
-    """LDM's adaptive GAN weight ``clamp(‖∇_w nll‖ / (‖∇_w g_loss‖ + 1e-4), 0, max_weight)``, detached.
-
-    Balances the adversarial gradient against the reconstruction gradient at the decoder's last layer
-    ``w``. Uses ``torch.autograd.grad(..., retain_graph=True)``, which reads gradients without
-    accumulating into ``.grad`` and without firing DDP's all-reduce hooks (those sit on gradient
-    accumulation), so it works on a DDP-wrapped model as long as ``last_layer`` is the *parameter
-    tensor itself* (take it from the unwrapped module, see :func:`decoder_last_layer`); it also
-    works under autocast (parameters, hence these gradients, are fp32). Under ``torch.distributed``
-    both gradients are averaged over the processes first, so λ is that of the global batch and N
-    processes compute what 1 process computes (LDM computed λ per GPU from its local batch); every
-    process must then call this the same number of times.
-
-    Args:
-        nll: 0-dim reconstruction(+perceptual) loss; may be constant (then λ = 0).
-        g_loss: 0-dim generator adversarial loss, which must depend on ``last_layer``.
-        last_layer: the parameter both losses are differentiated against.
-        max_weight: upper clamp (LDM: 1e4).
-
-    Returns:
-        0-dim fp32 tensor without grad. 0 when gradients are disabled (evaluation under
-        ``no_grad``, as LDM does) or when a gradient norm is not finite (e.g. an fp16 overflow).
-
-    Raises:
-        ValueError: ``g_loss`` does not depend on ``last_layer`` (the wrong tensor was passed, e.g. a
-            parameter of a copy of the model, which would silently disable the GAN).
-    """
-    if not torch.is_grad_enabled() or not g_loss.requires_grad:
-        return torch.zeros((), device=g_loss.device)
-    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True, allow_unused=True)
-    if g_grad is None:
-        raise ValueError("adaptive_weight: the adversarial loss does not depend on last_layer; pass the "
-                         "decoder's conv_out.weight of the model that produced the reconstruction")
-    nll_grad = None
-    if nll.requires_grad:
-        (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True, allow_unused=True)
-    nll_grad = torch.zeros_like(g_grad) if nll_grad is None else nll_grad
-    nll_grad, g_grad = _global_mean(nll_grad.float()), _global_mean(g_grad.float())
-    weight = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + ADAPTIVE_EPS)
-    weight = weight.clamp(0.0, max_weight).detach()
-    return torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
-
-
-def _global_mean(t: torch.Tensor) -> torch.Tensor:
-    """``t`` averaged over the processes of ``torch.distributed`` (``t`` itself without it)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
 # --------------------------------------------------------------------------------------------------
 # The training objective
 # --------------------------------------------------------------------------------------------------
 
 
 class _LossState(nn.Module):
-    """What of :class:`VAELoss` belongs in a checkpoint: the learned logvar and the bare discriminator."""
+    """What of :class:`VAELoss` belongs in a checkpoint: the learned logvar, the bare discriminator and the
+    alignment projection (each only when there is one: a run without it saves the keys it always saved)."""
 
-    def __init__(self, logvar: nn.Parameter | None, discriminator: nn.Module | None) -> None:
+    def __init__(self, logvar: nn.Parameter | None, discriminator: nn.Module | None,
+                 alignment_projection: nn.Module | None) -> None:
         super().__init__()
         self.logvar = logvar
         self.discriminator = discriminator
+        self.alignment_projection = alignment_projection
 
 
 class VAELoss(nn.Module):
     """LDM's ``LPIPSWithDiscriminator`` objective, split into a generator and a discriminator step.
 
     Holds the frozen LPIPS network (when ``lpips_weight > 0``), the learned scalar log-variance (when
-    ``learned_logvar``) and the PatchGAN (when ``disc_weight > 0``; otherwise ``discriminator`` is
-    None). The VAE itself is the caller's. Scales and weights: see the module docstring.
+    ``learned_logvar``), the PatchGAN (when ``disc_weight > 0``; otherwise ``discriminator`` is
+    None) and VA-VAE's term (when ``alignment > 0``; else ``alignment`` is None). The VAE itself is the caller's.
 
-    Optimizers: put :meth:`trainable_parameters` (the logvar) with the VAE's parameters, and
-    ``discriminator.parameters()`` in their own optimizer. LPIPS has no trainable parameters and is
-    excluded from :meth:`state_module` (checkpoints) — it is not part of the VAE either.
+    Optimizers: put :meth:`trainable_parameters` (the logvar, the alignment projection) with the VAE's parameters,
+    and ``discriminator.parameters()`` in their own optimizer. LPIPS and the alignment backbone have no trainable
+    parameters and are excluded from :meth:`state_module` (checkpoints) — neither is part of the VAE either.
 
     DDP: the trainer may replace ``self.discriminator`` with its DDP-wrapped version (e.g.
     ``loss.discriminator = accelerator.prepare(loss.discriminator)``). :meth:`discriminator_loss`
@@ -209,6 +156,8 @@ class VAELoss(nn.Module):
             or ``"none"``; None: ``cfg.disc_norm``.
         logvar_init: initial value of the learned log-variance (LDM: 0).
         image_channels: the VAE's image channels C (1, 3 or 4): what the discriminator judges.
+        latent_channels, alignment_backbone: the VAE's latent channels c (the alignment projection's input) and a
+            frozen backbone to use instead of loading ``cfg.alignment_backbone`` (tests).
     """
 
     def __init__(
@@ -221,6 +170,8 @@ class VAELoss(nn.Module):
         disc_norm: Norm | None = None,
         logvar_init: float = 0.0,
         image_channels: int = 3,
+        latent_channels: int = 4,
+        alignment_backbone: FrozenBackbone | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg  # validated where it is defined (LossConfig)
@@ -238,34 +189,41 @@ class VAELoss(nn.Module):
         if cfg.disc_weight > 0:
             self.discriminator = NLayerDiscriminator(image_channels, disc_ndf, cfg.disc_layers,
                                                      disc_norm or cfg.disc_norm)
+        self.alignment = (VFAlignment.from_config(cfg, latent_channels, alignment_backbone) if cfg.alignment > 0
+                          else None)  # built last: the discriminator's initial weights do not depend on it
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> VAELoss:
-        """Switch the discriminator's mode; LPIPS stays in eval mode (its dropout must stay off)."""
+        """Switch the discriminator's mode; LPIPS (and the alignment backbone) stay in eval mode (no dropout)."""
         super().train(mode)
         if self.lpips is not None:
             self.lpips.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """This module's own trainable parameters (the learned logvar, if any) — not the discriminator's."""
-        return [self.logvar] if self.logvar is not None else []
+        """This module's own trainable parameters (the learned logvar, the alignment projection, if any) — not the
+        discriminator's."""
+        own = [self.logvar] if self.logvar is not None else []
+        return own + (list(self.alignment.projection.parameters()) if self.alignment is not None else [])
 
     def state_module(self) -> nn.Module:
-        """A module whose ``state_dict`` is what to checkpoint: ``logvar`` and ``discriminator.*``.
+        """A module whose ``state_dict`` is what to checkpoint: ``logvar``, ``discriminator.*`` and
+        ``alignment_projection.*`` (the projection, not the exported VAE's, is trained state of the run).
 
         Keys never carry a DDP ``module.`` prefix (the bare discriminator is used), so checkpoints
-        move between process counts; LPIPS (frozen, rebuilt from its files) is left out.
+        move between process counts; LPIPS and the alignment backbone (frozen, rebuilt from their files) are
+        left out.
         ``load_state_dict`` on the returned module writes into this loss's own tensors.
         """
         disc = unwrap(self.discriminator) if self.discriminator is not None else None
-        return _LossState(self.logvar, disc)
+        return _LossState(self.logvar, disc, self.alignment.projection if self.alignment is not None else None)
 
     def all_reduce_trainable_grads(self) -> None:
         """Average :meth:`trainable_parameters`' gradients over processes (no-op without torch.distributed).
 
-        Needed because the logvar lives outside the DDP-wrapped VAE, so nothing else synchronises it.
+        Needed because the logvar and the alignment projection live outside the DDP-wrapped VAE, so nothing else
+        synchronises them.
         Call after the last backward of an accumulation and before clipping / the optimizer step.
         """
         import torch.distributed as dist
@@ -308,10 +266,11 @@ class VAELoss(nn.Module):
         latents: torch.Tensor | None = None,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         tau: str | None = None,
+        encoder_last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss for the VAE (and logvar) update.
+        """Loss for the VAE (and logvar, alignment projection) update.
 
-        ``total = nll + w_eq·R(τ) + w_se·R(½) + kl_weight·KL/D + λ·G_adv`` (see the module docstring;
+        ``total = nll + w_eq·R(τ) + w_se·R(½) + w_al·VF + kl_weight·KL/D + λ·G_adv`` (see the module docstring;
         D = C·H·W). Terms whose weight is 0 are left out of the graph (their value is still logged, except
         the regularisers', not computed at all). The discriminator is frozen while it judges ``recon``: its
         parameters get no gradient from this loss (so a ``discriminator_loss`` backward in the same
@@ -326,15 +285,18 @@ class VAELoss(nn.Module):
                 required when the adaptive adversarial weight is active.
             latents, decode, tau: the sampled z (B, c, h, w) that ``recon`` decodes, the VAE's decoder as a
                 callable and this micro-batch's EQ-VAE τ, for the diffusability regularisers (unused without
-                them; see :func:`sdvae.train.regularisers.transformed_pairs`).
+                them; see :func:`sdvae.train.regularisers.transformed_pairs`); ``latents`` for ``alignment`` too.
+            encoder_last_layer: the encoder's last weight (:func:`sdvae.train.alignment.encoder_last_layer`), for
+                ``alignment_adaptive``.
 
         Returns:
             (0-dim fp32 loss, logs): ``loss`` total; ``rec`` unweighted per-element L1/MSE; ``lpips``
             (if enabled) mean distance; ``nll`` per-element reconstruction term incl. logvar;
             ``equivariance`` / ``scale_equivariance`` (only when their weight is > 0) R(τ) / R(½) before
-            their weight; ``logvar`` (if learned); ``kl`` nats/image; ``kl_bpd`` bits/dim; and, with a
-            discriminator, ``g_adv`` (−mean fake logits, 0 before ``disc_start``) and ``d_weight`` (λ incl.
-            ``disc_weight``, 0 before ``disc_start``).
+            their weight; ``alignment``, ``alignment_cos``, ``alignment_distmat`` (and ``alignment_weight``), see
+            :class:`~sdvae.train.alignment.VFAlignment`, only with ``alignment`` > 0; ``logvar`` (if learned);
+            ``kl`` nats/image; ``kl_bpd`` bits/dim; and, with a discriminator, ``g_adv`` (−mean fake logits, 0
+            before ``disc_start``) and ``d_weight`` (λ incl. ``disc_weight``, 0 before ``disc_start``).
         """
         cfg = self.cfg
         dims = images[0].numel()  # D = C·H·W: converts LDM's per-image sums into per-element means
@@ -361,6 +323,10 @@ class VAELoss(nn.Module):
         for name, (weight, target, decoded) in transformed_pairs(cfg, images, latents, decode, tau).items():
             logs[name] = term = self._pair_reconstruction(target, decoded)
             total = total + weight * term
+        if self.alignment is not None:
+            term, aligned = self.alignment(images, latents, nll, encoder_last_layer)
+            logs |= aligned
+            total = total + term
 
         kl = kl_divergence(posterior_mean, posterior_logvar) if cfg.kl_weight > 0 else None
         if kl is None:
