@@ -23,6 +23,21 @@ def make_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def uniform_images(seed: int = 0, batch: int = 2, size: int = 32) -> torch.Tensor:
+    """(batch, 3, size, size) uniform noise images in [-1, 1] from their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+def seeded_train_vae(seed: int = 0) -> torch.nn.Module:
+    """The micro ``test`` preset with weights drawn from ``seed``, in train mode (the global RNG left as it was)."""
+    from sdvae.model.build import build_preset
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_preset("test").train()
+
+
 def jpeg_bytes(seed: int, width: int = 40, height: int = 36) -> bytes:
     """A ``make_photo`` image as JPEG bytes (quality 90)."""
     import io

@@ -21,9 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers import REPO, kill_when_written, make_photo
+from helpers import REPO, kill_when_written, make_photo, seeded_train_vae, uniform_images
 from sdvae.errors import UserError
-from sdvae.model.build import build_preset
 from sdvae.train.alignment import (
     FrozenBackbone,
     encoder_last_layer,
@@ -67,17 +66,6 @@ def backbone(weights: Path) -> FrozenBackbone:
     return load_backbone(weights, NAME, **TINY)
 
 
-def _images(seed: int = 0, batch: int = 2, size: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-
-
-def _vae(seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_preset("test").train()
-
-
 def _aligned(**change) -> LossConfig:
     return replace(BASE, **{"alignment": 0.7, "alignment_backbone": "unused: the backbone is passed in", **change})
 
@@ -96,7 +84,7 @@ def test_backbone_is_read_from_the_local_file_frozen_and_gives_features_on_the_l
     assert not any(p.requires_grad for p in backbone.parameters())
     assert backbone.patch == (14, 14) and backbone.feature_dim == 32
 
-    images = _images(size=32)
+    images = uniform_images(size=32)
     features = backbone(images, (4, 3))  # a non-square grid: rows and columns must not be swapped
     assert features.shape == (2, 32, 4, 3) and features.dtype == torch.float32
     # A target: no graph is kept, even for inputs that require a gradient.
@@ -231,9 +219,9 @@ def _forward(model: VAEForward, images: torch.Tensor, position: int = 0):
 
 
 def test_alignment_term_trains_encoder_and_projection_but_never_the_backbone(backbone):
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images()
+    images = uniform_images()
     recon, mean, logvar, z = _forward(model, images)
     loss_fn = VAELoss(_aligned(), alignment_backbone=backbone).train()
     assert not backbone.training  # stays in eval mode inside the loss
@@ -258,9 +246,9 @@ def test_alignment_term_trains_encoder_and_projection_but_never_the_backbone(bac
 
 
 def test_adaptive_weight_is_vavaes_gradient_ratio_at_the_encoders_last_layer(backbone):
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images()
+    images = uniform_images()
     recon, mean, logvar, z = _forward(model, images)
     loss_fn = VAELoss(_aligned(alignment=0.1, alignment_adaptive=True), alignment_backbone=backbone)
     layer = encoder_last_layer(vae)
@@ -301,14 +289,14 @@ def _train(cfg: LossConfig, new_path: bool, backbone: FrozenBackbone | None = No
            steps: int = 2) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """tools/train.py's step for a few steps; ``new_path``: the call with latents, decode and the encoder's
     last layer (as tools/train.py makes it now), else the call of before the regularisers existed."""
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
     loss_fn = VAELoss(cfg, alignment_backbone=backbone)
     opt = torch.optim.AdamW([*vae.parameters(), *loss_fn.trainable_parameters()], lr=1e-3, betas=(0.5, 0.9))
     last_layer, decode = decoder_last_layer(vae), latent_decoder(model)
     logs = []
     for step in range(steps):
-        images = _images(seed=step, batch=3)
+        images = uniform_images(seed=step, batch=3)
         eps = posterior_noise(torch.arange(3) + 3 * step, step, LATENT_SHAPE, seed=0)
         recon, mean, logvar = model(images, eps)
         if new_path:

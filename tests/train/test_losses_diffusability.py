@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import seeded_train_vae, uniform_images
 from sdvae.errors import UserError
 from sdvae.eval.diffusability import TRANSFORMS
 from sdvae.metrics.lpips import build_lpips, lpips_distance
-from sdvae.model.build import build_preset
 from sdvae.train.config import EquivarianceTransform, LossConfig, load_config
 from sdvae.train.losses import VAELoss
 from sdvae.train.modules import decoder_last_layer
@@ -30,17 +30,6 @@ from sdvae.train.vae_forward import VAEForward, latent_decoder, posterior_noise,
 # Only the reconstruction term on (KL, LPIPS, GAN off); each test switches on what it examines.
 BASE = LossConfig(recon_weight=1.0, lpips_weight=0.0, kl_weight=0.0, disc_weight=0.0)
 LATENT_SHAPE = (4, 4, 4)  # `test` preset: 4 latent channels, factor 8, 32x32 images
-
-
-def _images(seed: int = 0, batch: int = 2, size: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-
-
-def _vae(seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_preset("test").train()
 
 
 def _forward(model: VAEForward, images: torch.Tensor, position: int = 0):
@@ -86,9 +75,9 @@ def test_config_transforms_are_the_eval_transforms_and_bad_values_are_user_error
 
 
 def test_latent_sides_that_a_scale_cannot_resample_are_a_user_error():
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images(size=48)  # latents 6x6: scale_0.75 needs multiples of 4
+    images = uniform_images(size=48)  # latents 6x6: scale_0.75 needs multiples of 4
     eps = torch.zeros(2, 4, 6, 6)
     recon, mean, logvar = model(images, eps)
     loss_fn = VAELoss(replace(BASE, equivariance=1.0))
@@ -120,9 +109,9 @@ CASES = {
 def test_each_regulariser_is_its_formula_and_reaches_encoder_and_decoder(case, recon):
     change, tau, reference = CASES[case]
     name = "scale_equivariance" if tau is None else "equivariance"
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images()
+    images = uniform_images()
     recon_img, mean, logvar, z = _forward(model, images)
     loss_fn = VAELoss(replace(BASE, recon=recon, recon_weight=2.0, **change))
     # The main term sees a detached reconstruction: every parameter gradient below is the regulariser's.
@@ -142,9 +131,9 @@ def test_each_regulariser_is_its_formula_and_reaches_encoder_and_decoder(case, r
 
 def test_regulariser_with_lpips_uses_the_main_terms_metric(lpips_net):
     """With LPIPS in the recipe, R = recon_weight·L1 + lpips_weight·LPIPS of the transformed pair."""
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images(size=64)
+    images = uniform_images(size=64)
     eps = torch.zeros(2, 4, 8, 8)
     recon, mean, logvar = model(images, eps)
     z = reparameterize(mean, logvar, eps)
@@ -157,9 +146,9 @@ def test_regulariser_with_lpips_uses_the_main_terms_metric(lpips_net):
 
 
 def test_both_regularisers_add_up():
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images()
+    images = uniform_images()
     recon, mean, logvar, z = _forward(model, images)
     kwargs = {"latents": z, "decode": latent_decoder(model), "tau": "rotate_90"}
     _, both = VAELoss(replace(BASE, equivariance=0.5, scale_equivariance=2.0)).generator_loss(
@@ -171,9 +160,9 @@ def test_both_regularisers_add_up():
 
 
 def test_reparameterize_is_the_latent_the_forward_decodes():
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
-    images = _images()
+    images = uniform_images()
     recon, mean, logvar, z = _forward(model, images)
     assert torch.equal(latent_decoder(model)(z), recon)
     assert torch.equal(reparameterize(mean, logvar, None), mean)
@@ -190,14 +179,14 @@ def _train(cfg: LossConfig, regulariser_path: bool, steps: int = 3) -> tuple[dic
     ``regulariser_path``: call the loss as tools/train.py does now (τ drawn, z, decode passed);
     otherwise as it did before the regularisers existed (no τ draw, no z, no decode).
     """
-    vae = _vae()
+    vae = seeded_train_vae()
     model = VAEForward(vae)
     loss_fn = VAELoss(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, betas=(0.5, 0.9))
     last_layer, decode = decoder_last_layer(vae), latent_decoder(model)
     logs = []
     for step in range(steps):
-        images = _images(seed=step, batch=3)
+        images = uniform_images(seed=step, batch=3)
         eps = posterior_noise(torch.arange(3) + 3 * step, step, LATENT_SHAPE, seed=0)
         if regulariser_path:
             tau = draw_transform(cfg, 0, step)
