@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -580,12 +581,18 @@ def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespac
     from safetensors.torch import load_file
 
     flops = infer_flops(preset, size)
+    rounds = max(1, getattr(args, "rounds", 1))
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     rows = {}
-    for mode in modes:
-        save = str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors")
-        child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size), "--device",
-                             args.device, "--save", save, "--repeats", str(args.repeats), "--warmup",
-                             str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
+    for r in range(rounds):  # odd rounds in reverse order: a machine that speeds up or slows down hits every mode
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            save = str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors")
+            child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
+                                 "--device", args.device, "--save", save, "--repeats", str(args.repeats), "--warmup",
+                                 str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
+            seconds[mode].append(child["seconds"])
+            rows[mode] = child | {"seconds": statistics.median(seconds[mode]), "rounds": seconds[mode]}
+    for mode, child in rows.items():
         rows[mode] = _throughput(child | {"flops": flops}, args.device, child["dtype"], args.peak_tflops)
         rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
                        "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": save}
@@ -612,7 +619,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
     import torch
 
     modes = [m for m in args.modes.split(",") if m]
-    print(f"encode+decode of one photo-like image, median of {args.repeats} after {args.warmup} warm-up, "
+    print(f"encode+decode of one photo-like image, median of {args.repeats} after {args.warmup} warm-up "
+          f"(and of {args.rounds} interleaved rounds), "
           f"device {args.device}, torch threads {torch.get_num_threads()}; each mode in a fresh process; "
           f"FLOPs of encode(mean)+decode counted once per preset and size (FlopCounterMode, meta device); "
           f"PSNR on 8-bit outputs", flush=True)
@@ -849,6 +857,9 @@ def _public_parsers(sub) -> None:
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every mode's child this many times, interleaved (odd rounds in reverse order); "
+                   "seconds: the median over rounds, so one slow stretch of a shared machine cannot decide a ratio")
     _peak_arg(p)
     p.set_defaults(func=cmd_infer)
 

@@ -99,3 +99,26 @@ def test_encode_runs_two_processes_and_the_ray_engine_on_shards(bench, tmp_path:
     assert rows["2"]["ok"] and rows["2"]["images"] == 6 and 0 <= rows["2"]["waiting_share"] <= 1
     ray = rows["ray"]
     assert (ray["ok"] and ray["images"] == 6) or ray["note"].startswith("not available ("), ray
+
+
+def test_infer_rounds_interleave_modes_in_alternating_order_and_take_the_median(bench, tmp_path: Path, monkeypatch):
+    import argparse
+
+    import torch
+    from safetensors.torch import save_file
+
+    calls: list[str] = []
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([10.0, 30.0, 20.0])}
+
+    def child(*argv: str) -> dict:  # stands in for the fresh process of each (round, mode)
+        mode, save = argv[argv.index("--mode") + 1], argv[argv.index("--save") + 1]
+        calls.append(mode)
+        save_file({"out": torch.zeros(1, 3, 8, 8), "x": torch.zeros(1, 3, 8, 8)}, save)
+        return {"seconds": next(times[mode]), "first_seconds": 0.0, "peak_memory": 1, "dtype": "fp32"}
+
+    monkeypatch.setattr(bench, "_bench_child", child)
+    args = argparse.Namespace(device="cpu", repeats=1, warmup=0, rounds=3, peak_tflops=1.0)
+    rows = {r["mode"]: r for r in bench.infer_rows("test", 32, ["a", "b"], args, str(tmp_path))}
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert rows["a"]["seconds"] == 2.0 and rows["a"]["rounds"] == [3.0, 1.0, 2.0]
+    assert rows["b"]["seconds"] == 20.0 and rows["b"]["tflops"] == pytest.approx(rows["a"]["tflops"] / 10)
