@@ -583,19 +583,20 @@ def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespac
     flops = infer_flops(preset, size)
     rounds = max(1, getattr(args, "rounds", 1))
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    saves = {mode: str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors") for mode in modes}  # each mode's output
     rows = {}
     for r in range(rounds):  # odd rounds in reverse order: a machine that speeds up or slows down hits every mode
         for mode in (modes if r % 2 == 0 else modes[::-1]):
-            save = str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors")
             child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
-                                 "--device", args.device, "--save", save, "--repeats", str(args.repeats), "--warmup",
-                                 str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
+                                 "--device", args.device, "--save", saves[mode], "--repeats", str(args.repeats),
+                                 "--warmup", str(args.warmup),
+                                 *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
             seconds[mode].append(child["seconds"])
             rows[mode] = child | {"seconds": statistics.median(seconds[mode]), "rounds": seconds[mode]}
     for mode, child in rows.items():
         rows[mode] = _throughput(child | {"flops": flops}, args.device, child["dtype"], args.peak_tflops)
         rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
-                       "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": save}
+                       "size": f"{size}²", "mode": mode, "precision": child["dtype"], "save": saves[mode]}
     base, same = rows.get("diffusers-fp32"), rows.get("diffusers-default")
     ref = load_file(base["save"])["out"] if base else None
     for mode, row in rows.items():

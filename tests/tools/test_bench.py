@@ -4,6 +4,7 @@ shards of a few tiny images (in-process; torchrun and Ray in the slow test)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -108,17 +109,22 @@ def test_infer_rounds_interleave_modes_in_alternating_order_and_take_the_median(
     from safetensors.torch import save_file
 
     calls: list[str] = []
-    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([10.0, 30.0, 20.0])}
+    times = {"diffusers-fp32": iter([3.0, 1.0, 2.0]), "b": iter([10.0, 30.0, 20.0])}
 
     def child(*argv: str) -> dict:  # stands in for the fresh process of each (round, mode)
         mode, save = argv[argv.index("--mode") + 1], argv[argv.index("--save") + 1]
         calls.append(mode)
-        save_file({"out": torch.zeros(1, 3, 8, 8), "x": torch.zeros(1, 3, 8, 8)}, save)
+        out = torch.full((1, 3, 8, 8), 0.5 if mode == "b" else 0.6)  # each mode's own output
+        save_file({"out": out, "x": torch.zeros(1, 3, 8, 8)}, save)
         return {"seconds": next(times[mode]), "first_seconds": 0.0, "peak_memory": 1, "dtype": "fp32"}
 
     monkeypatch.setattr(bench, "_bench_child", child)
     args = argparse.Namespace(device="cpu", repeats=1, warmup=0, rounds=3, peak_tflops=1.0)
-    rows = {r["mode"]: r for r in bench.infer_rows("test", 32, ["a", "b"], args, str(tmp_path))}
-    assert calls == ["a", "b", "b", "a", "a", "b"]
-    assert rows["a"]["seconds"] == 2.0 and rows["a"]["rounds"] == [3.0, 1.0, 2.0]
-    assert rows["b"]["seconds"] == 20.0 and rows["b"]["tflops"] == pytest.approx(rows["a"]["tflops"] / 10)
+    rows = {r["mode"]: r for r in bench.infer_rows("test", 32, ["diffusers-fp32", "b"], args, str(tmp_path))}
+    a = "diffusers-fp32"
+    assert calls == [a, "b", "b", a, a, "b"]
+    assert rows[a]["seconds"] == 2.0 and rows[a]["rounds"] == [3.0, 1.0, 2.0]
+    assert rows["b"]["seconds"] == 20.0 and rows["b"]["tflops"] == pytest.approx(rows[a]["tflops"] / 10)
+    assert rows["b"]["speed"] == "0.10x"  # against the diffusers-fp32 row
+    # each row compared with its own output: 0.5 against 0.6 on [-1, 1] images
+    assert rows["b"]["psnr_vs_fp32"] == pytest.approx(10 * math.log10(1 / 0.05 ** 2), abs=0.5)
