@@ -128,6 +128,20 @@ def _generated_stats(args: argparse.Namespace, z: torch.Tensor) -> dict:
             "mean": stats.mean().item(), "std": stats.std(unbiased=False).item()}
 
 
+def _resume(out: Path, model: Any, optimizer: Any, accelerator: Any) -> tuple[int, dict[str, list]]:
+    """(step, loss log of [step, loss] pairs): restored from the newest checkpoint of ``out`` (weights,
+    optimizer, RNG states), or (0, empty) for a fresh run. A legacy ``checkpoint.pt`` (a pickle) is never read."""
+    if (out / "checkpoint.pt").is_file():
+        accelerator.print(f"ignoring {out / 'checkpoint.pt'} (legacy pickle format, not loaded)")
+    found = latest_checkpoint(out)
+    if found is None:
+        return 0, {"train": [], "held_out": []}
+    step, _, meta = load_checkpoint(found, modules={"unet": model}, optimizers={"unet": optimizer},
+                                    schedulers={}, rank=accelerator.process_index)
+    accelerator.print(f"resumed at step {step} from {found}")
+    return step, meta["log"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
@@ -152,15 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     # latents have unit variance and channel means up to ~1, so clipping would shrink every sample.
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step, log = 0, {"train": [], "held_out": []}  # log: [step, loss] pairs
-    if (out / "checkpoint.pt").is_file():  # earlier versions' resume state: a pickle, never unpickled
-        accelerator.print(f"ignoring {out / 'checkpoint.pt'} (legacy pickle format, not loaded)")
-    found = latest_checkpoint(out)
-    if found is not None:  # resume: weights, optimizer, RNG states, step and the loss log
-        step, _, meta = load_checkpoint(found, modules={"unet": model}, optimizers={"unet": optimizer},
-                                        schedulers={}, rank=accelerator.process_index)
-        log = meta["log"]
-        accelerator.print(f"resumed at step {step} from {found}")
+    step, log = _resume(out, model, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # Held-out loss: fixed latents (epoch-0 posterior draws), noise and timesteps, so values compare.

@@ -254,6 +254,32 @@ class VAELoss(nn.Module):
 
     # -- generator (VAE) step ---------------------------------------------------------------------
 
+    def _nll(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LDM's reconstruction (+ perceptual) term as a per-element mean, through the learned logvar if any.
+
+        Returns:
+            (nll, logs with ``rec``, ``lpips`` (if enabled), ``logvar`` (if learned) and ``nll``).
+        """
+        cfg = self.cfg
+        logs: dict[str, torch.Tensor] = {}
+        with contextlib.nullcontext() if cfg.recon_weight > 0 else torch.no_grad():
+            rec = reconstruction_loss(images, recon, cfg.recon)
+        logs["rec"] = rec
+        nll = cfg.recon_weight * rec if cfg.recon_weight > 0 else rec.new_zeros(())
+        if self.lpips is not None:
+            lp = lpips_distance(self.lpips, rgb_view(images), rgb_view(recon)).mean()  # RGB network
+            logs["lpips"] = lp
+            nll = nll + cfg.lpips_weight * lp
+        if self.logvar is not None:
+            # LDM: nll = rec / exp(s) + s with one learned scalar s. For L1 that is the Laplace NLL
+            # with scale b = exp(s) up to log 2 — "logvar" is LDM's name, not a variance.
+            # exp(s) is a scalar, so mean(r/e^s + s) = mean(r)/e^s + s.
+            logvar = self.logvar.float()
+            nll = nll / logvar.exp() + logvar
+            logs["logvar"] = logvar
+        logs["nll"] = nll
+        return nll, logs
+
     def generator_loss(
         self,
         images: torch.Tensor,
@@ -300,25 +326,8 @@ class VAELoss(nn.Module):
         """
         cfg = self.cfg
         dims = images[0].numel()  # D = C·H·W: converts LDM's per-image sums into per-element means
-        logs: dict[str, torch.Tensor | float] = {}
-
-        # Reconstruction (+ perceptual): LDM's rec_loss, as a per-element mean.
-        with contextlib.nullcontext() if cfg.recon_weight > 0 else torch.no_grad():
-            rec = reconstruction_loss(images, recon, cfg.recon)
-        logs["rec"] = rec
-        nll = cfg.recon_weight * rec if cfg.recon_weight > 0 else rec.new_zeros(())
-        if self.lpips is not None:
-            lp = lpips_distance(self.lpips, rgb_view(images), rgb_view(recon)).mean()  # RGB network
-            logs["lpips"] = lp
-            nll = nll + cfg.lpips_weight * lp
-        if self.logvar is not None:
-            # LDM: nll = rec / exp(s) + s with one learned scalar s. For L1 that is the Laplace NLL
-            # with scale b = exp(s) up to log 2 — "logvar" is LDM's name, not a variance.
-            # exp(s) is a scalar, so mean(r/e^s + s) = mean(r)/e^s + s.
-            logvar = self.logvar.float()
-            nll = nll / logvar.exp() + logvar
-            logs["logvar"] = logvar
-        logs["nll"] = nll
+        nll, logs = self._nll(images, recon)
+        rec = logs["rec"]
         total = nll
         for name, (weight, target, decoded) in transformed_pairs(cfg, images, latents, decode, tau).items():
             logs[name] = term = self._pair_reconstruction(target, decoded)
