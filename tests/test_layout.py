@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdvae"
 # Areas from the bottom up: a module may import its own area and the areas of lower ranks only.
 RANKS = {
     "errors": 0,
-    "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1, "device": 1,
+    "atomic": 1, "seeding": 1, "local_weights": 1, "progress": 1, "device": 1, "heap": 1,
     "storage": 1.5,  # object storage: below images and latents, above atomic
     "model": 2, "images": 2, "metrics": 2,
     "codec": 3,

@@ -32,8 +32,10 @@ for _path in (REPO, TOOLS):  # run as a script from a checkout without installin
 
 from benchkit import children, report  # noqa: E402
 from benchkit.memory import peak_kind  # noqa: E402
+from benchkit.timing import interleaved  # noqa: E402
 
 from sdvae.device import cuda_available, resolve_device  # noqa: E402  (light: torch loads on first call)
+from sdvae.heap import keep_freed_memory  # noqa: E402
 
 GIB = 1024**3
 
@@ -174,6 +176,8 @@ def cmd_train_child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.heap:
+        keep_freed_memory()
     spec = TrainSpec.from_args(args)
     vae = build_preset(spec.preset).train()
     latent = spec.resolution // downsample_factor(vae)
@@ -233,6 +237,12 @@ def cmd_train_parts(args: argparse.Namespace) -> None:
     print(json.dumps({k: time_calls(fn, device, args.steps, args.warmup)[1].median for k, fn in parts.items()}))
 
 
+def _heap(args: argparse.Namespace, ours: bool) -> bool:
+    """Whether a row's process runs :func:`~sdvae.heap.keep_freed_memory` first: ours always (sdvae's commands
+    and tools/train.py do), the peers with ``--heap-for-peers`` (the allocator's share of a ratio)."""
+    return ours or getattr(args, "heap_for_peers", False)
+
+
 def _train_runs(args: argparse.Namespace) -> dict[str, list[str]]:
     """Row name -> the ``_train-child`` flags of that row."""
     runs = {"ldm same-work (fp32)": ["--mode", "ldm", "--precision", "no"]}
@@ -263,14 +273,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     losses = f"{args.recon}" + (f" + {args.lpips}·LPIPS-{args.lpips_net} (random backbone)" if args.lpips else "") \
         + f" + {args.kl_weight:g}·KL" + (f" + {args.disc_weight}·PatchGAN" if args.disc_weight else "")
     print(f"preset {args.preset}, batch {args.batch}, {args.resolution}², loss {losses}, AdamW lr {args.lr:g}, "
-          f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches; "
+          f"clip 1.0; {args.warmup} warm-up + {args.steps} timed steps on the same synthetic batches, median of "
+          f"{args.rounds} interleaved round(s); "
           f"peak memory = {peak_kind(resolve_device())}, a fresh process per row; "
           f"FLOPs of one step counted by FlopCounterMode; example = diffusers' train_autoencoderkl.py "
           f"generator step (LPIPS without gradient, PatchGAN + 2 autograd.grad)", flush=True)
+    runs = _train_runs(args)
     results, rows = {}, []
-    for name, extra in _train_runs(args).items():
-        r = results[name] = _bench_child("_train-child", *shared, *extra)
-        precision = extra[extra.index("--precision") + 1]
+    def child(name: str) -> dict:
+        return _bench_child("_train-child", *shared, *runs[name],
+                            *(["--heap"] if _heap(args, runs[name][1] == "ours") else []))
+
+    for name, rounds in interleaved(list(runs), args.rounds, child).items():
+        speeds = [r["images_per_s"] for r in rounds]
+        r = results[name] = rounds[-1] | {"images_per_s": statistics.median(speeds), "rounds": speeds,
+                                          "seconds_per_step": args.batch / statistics.median(speeds)}
+        precision = runs[name][runs[name].index("--precision") + 1]
         row = _throughput(r | {"what": name, "flops": r["flops_per_step"], "seconds": r["seconds_per_step"]},
                           r["device"], precision, args.peak_tflops)
         rows.append(row | {"peak_gib": r["peak_memory"] / GIB, "share_pct": report.percent(row["share"])})
@@ -288,8 +306,10 @@ def _print_train_ratios(args: argparse.Namespace, results: dict[str, dict]) -> N
             ours = results[name]
             for base_name in bases:
                 base = results[base_name]
-                print(f"  {name} / {base_name}: {ours['images_per_s'] / base['images_per_s']:.2f}x images/s, "
-                      f"{ours['peak_memory'] / base['peak_memory']:.2f}x peak memory")
+                paired = sorted(a / b for a, b in zip(ours["rounds"], base["rounds"], strict=True))
+                print(f"  {name} / {base_name}: {ours['images_per_s'] / base['images_per_s']:.2f}x images/s"
+                      + (f" (medians; per round {paired[0]:.2f}–{paired[-1]:.2f}x)" if len(paired) > 1 else "")
+                      + f", {ours['peak_memory'] / base['peak_memory']:.2f}x peak memory")
         if args.breakdown and args.lpips > 0:
             _print_breakdown(args, precision, args.batch / example["images_per_s"])
 
@@ -349,17 +369,6 @@ def _encode_cli(src: Path | str, out: Path, args: argparse.Namespace, processes:
             "waiting_s": waiting, "waiting_share": waiting / had if had else None}
 
 
-def _encode_in_process(src: str, out: Path, args: argparse.Namespace) -> dict:
-    """``run_encode`` in this process (the model load not timed): images, seconds, images/s, waiting share."""
-    from sdvae.latents.export import EncodeOptions, run_encode
-
-    s = run_encode(EncodeOptions(src=src, out=str(out), model=args.model, resolution=args.resolution,
-                                 batch_size=args.batch, dtype=args.dtype, num_workers=args.workers,
-                                 shard_size=args.shard_size, progress=False))
-    return {"images": s["encoded"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
-            "waiting_s": s["waiting_s"], "waiting_share": s["waiting_s"] / s["seconds"] if s["seconds"] else None}
-
-
 def _bare_encode(vae, batches: list, device, dtype) -> float:
     """A bare ``vae.encode`` loop over pre-loaded, pre-resized tensors: images/s (one warm-up batch first)."""
     import torch
@@ -412,7 +421,7 @@ def _encode_images(args: argparse.Namespace, work: Path) -> Path:
 
 
 def _engine_names(spec: str) -> list[str]:
-    """``--engines``: process counts (1: run_encode in this process; N: torchrun) and ``ray``."""
+    """``--engines``: process counts (1: the CLI in one process; N: torchrun) and ``ray``."""
     names = [e.strip() for e in spec.split(",") if e.strip()]
     bad = [e for e in names if e != "ray" and not (e.isdigit() and int(e) >= 1)]
     if bad or not names:
@@ -421,17 +430,13 @@ def _engine_names(spec: str) -> list[str]:
 
 
 def _engine_row(engine: str, src: str, work: Path, args: argparse.Namespace) -> dict:
-    """One row of ``encode``: 1 = run_encode in this process, N = torchrun with N processes, ray = the CLI's
+    """One row of ``encode``: 1 = the CLI in one process, N = torchrun with N processes, ray = the CLI's
     ``--engine ray``. A Ray engine that fails gives a "not available (reason)" row, never a crash."""
-    what = {"1": "1 process (run_encode, in-process)",
-            "ray": "Ray engine (--engine ray)"}.get(engine, f"{engine} processes (torchrun)")
+    what = {"1": "1 process (the CLI)", "ray": "Ray engine (--engine ray)"}.get(engine,
+                                                                              f"{engine} processes (torchrun)")
     out = work / f"out-{engine}"
     try:
-        if engine == "1":
-            r = _encode_in_process(src, out, args)
-        else:
-            r = _encode_cli(src, out, args, 1 if engine == "ray" else int(engine), "ray" if engine == "ray"
-                            else "torchrun")
+        r = _encode_cli(src, out, args, 1 if engine == "ray" else int(engine), "ray" if engine == "ray" else "torchrun")
     except children.ChildFailed as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         note = f"{'not available' if engine == 'ray' else 'FAILED'} ({lines[-1].strip() if lines else 'no output'})"
@@ -466,6 +471,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
               + (f" packed into {args.shards} tar shards (KEY.jpg + KEY.json)" if args.shards else "")
               + f", {args.resolution}² center crops, batch {args.batch}, {args.dtype}, {device}, torch threads "
               f"{info['torch_threads']}, {args.workers} DataLoader worker(s)", flush=True)
+        if _heap(args, False):
+            keep_freed_memory()  # the bare loops run in this process; the engines' processes do it themselves
         before = _bare_encode(vae, batches, device, dtype)
         rows = [_engine_row(engine, src, work, args) for engine in engines]
         after = _bare_encode(vae, batches, device, dtype)
@@ -548,6 +555,8 @@ def cmd_infer_child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.heap:
+        keep_freed_memory()
     if args.no_tf32:  # bench.py gpu: fp32 means fp32 (the peak table's fp32 figures are non-TF32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     x = synthetic_images(1, args.size, seed=1)
@@ -581,18 +590,18 @@ def infer_rows(preset: str, size: int, modes: list[str], args: argparse.Namespac
     from safetensors.torch import load_file
 
     flops = infer_flops(preset, size)
-    rounds = max(1, getattr(args, "rounds", 1))
-    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     saves = {mode: str(Path(tmp) / f"{preset}-{size}-{mode}.safetensors") for mode in modes}  # each mode's output
+
+    def child(mode: str) -> dict:
+        return _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
+                            "--device", args.device, "--save", saves[mode], "--repeats", str(args.repeats),
+                            "--warmup", str(args.warmup), *(["--no-tf32"] if getattr(args, "no_tf32", False) else []),
+                            *(["--heap"] if _heap(args, not mode.startswith("diffusers")) else []))
+
     rows = {}
-    for r in range(rounds):  # odd rounds in reverse order: a machine that speeds up or slows down hits every mode
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
-            child = _bench_child("_infer-child", "--mode", mode, "--preset", preset, "--size", str(size),
-                                 "--device", args.device, "--save", saves[mode], "--repeats", str(args.repeats),
-                                 "--warmup", str(args.warmup),
-                                 *(["--no-tf32"] if getattr(args, "no_tf32", False) else []))
-            seconds[mode].append(child["seconds"])
-            rows[mode] = child | {"seconds": statistics.median(seconds[mode]), "rounds": seconds[mode]}
+    for mode, runs in interleaved(modes, getattr(args, "rounds", 1), child).items():
+        seconds = [r["seconds"] for r in runs]
+        rows[mode] = runs[-1] | {"seconds": statistics.median(seconds), "rounds": seconds}
     for mode, child in rows.items():
         rows[mode] = _throughput(child | {"flops": flops}, args.device, child["dtype"], args.peak_tflops)
         rows[mode] |= {"what": f"infer {preset} {size}² {mode}", "kind": "infer", "preset": preset,
@@ -811,6 +820,12 @@ def _peak_arg(p: argparse.ArgumentParser) -> None:
                    "table on CUDA, a GEMM of the same precision measured in this run on CPU)")
 
 
+def _heap_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heap-for-peers", action="store_true",
+                   help="run the peers' rows with sdvae.heap.keep_freed_memory() too (ours always runs with it, as "
+                   "sdvae's commands and tools/train.py do): the allocator's share of each ratio")
+
+
 def _public_parsers(sub) -> None:
     p = sub.add_parser("tiling", help="exact tiled decode: accuracy vs untiled/diffusers, peak RSS at a big size")
     p.add_argument("--size", type=int, default=1024, help="image side for the accuracy comparison (0: skip)")
@@ -824,6 +839,10 @@ def _public_parsers(sub) -> None:
     p = sub.add_parser("train", help="our training step vs the LDM-style step, diffusers' example step")
     _train_args(p)
     _peak_arg(p)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row's child this many times, interleaved (odd rounds in reverse order); "
+                   "images/s: the median over rounds, ratios also per round")
+    _heap_arg(p)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the step's parts in isolation and print the ceiling of ours / example")
     p.add_argument("--precisions", default=_default_train_precisions(),
@@ -844,9 +863,10 @@ def _public_parsers(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of encode-dataset")
     p.add_argument("--shard-size", type=int, default=1000, help="inputs per output shard of a folder source")
-    p.add_argument("--engines", default="1", help="comma-separated rows: 1 (run_encode in this process), N "
+    p.add_argument("--engines", default="1", help="comma-separated rows: 1 (the CLI in one process), N "
                    "(torchrun, N processes), ray (--engine ray); e.g. 1,2,ray")
     p.add_argument("--out", default="", help="also write the rows as JSON here (the table: same name, .md)")
+    _heap_arg(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("infer", help="encode+decode speed: plain diffusers fp32 vs sdvae's default and each dtype")
@@ -862,6 +882,7 @@ def _public_parsers(sub) -> None:
                    help="run every mode's child this many times, interleaved (odd rounds in reverse order); "
                    "seconds: the median over rounds, so one slow stretch of a shared machine cannot decide a ratio")
     _peak_arg(p)
+    _heap_arg(p)
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("gpu", help="the prepared GPU script: training checks and peers, inference, encode-dataset; "
@@ -887,6 +908,7 @@ def _child_parsers(sub) -> None:
     p.add_argument("--save", default="")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-tf32", action="store_true")
+    p.add_argument("--heap", action="store_true", help="keep_freed_memory() first, as sdvae's commands do")
     p.set_defaults(func=cmd_infer_child)
 
     for name, func in (("_train-child", cmd_train_child), ("_train-parts", cmd_train_parts)):
@@ -896,6 +918,7 @@ def _child_parsers(sub) -> None:
             p.add_argument("--mode", choices=("ours", "ldm", "example", "reference"), required=True)
         p.add_argument("--precision", default="bf16")
         p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--heap", action="store_true", help="keep_freed_memory() first, as tools/train.py does")
         p.set_defaults(func=func)
 
     p = sub.add_parser("_gpu-child", help=argparse.SUPPRESS)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sdvae.atomic import atomic_file, write_json
 from sdvae.errors import UserError
+from sdvae.heap import keep_freed_memory
 from sdvae.images.channels import model_channels
 from sdvae.model.family import is_flux2
 from sdvae.model.info import downsample_factor, scaled_factor
@@ -65,6 +66,7 @@ from sdvae.train.validation import (
 
 def main(cfg: RunConfig) -> dict[str, float]:
     """Run (or resume) training as configured; returns the last validation metrics."""
+    keep_freed_memory()  # CPU steps reuse freed activations instead of faulting in new pages (sdvae/heap.py)
     out = Path(cfg.train.out)
     accelerator = make_accelerator(cfg)  # precision/accumulation/processes: the YAML's if set, else the launcher's
     cfg = resolve_config(cfg, accelerator)

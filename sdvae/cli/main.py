@@ -15,6 +15,7 @@ import sys
 from sdvae import __version__
 from sdvae.cli import dataset, eval, generate, latents_file, roundtrip, weights
 from sdvae.errors import UserError, first_line
+from sdvae.heap import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 EXIT_OS_ERROR = 1  # an OSError no command turned into a UserError (an I/O failure, not bad input)
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdvae`` console script."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    keep_freed_memory()  # the command owns its process: large tensors reuse freed memory (sdvae/heap.py)
     try:
         _quiet_libraries()
         return args.func(args)

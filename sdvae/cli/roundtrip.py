@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdvae.cli.options import INPUT_NOTES, add_runtime_args, codec_from_args, default_output, load_checked, note
+from sdvae.heap import bounded_memory
+
+if TYPE_CHECKING:
+    from sdvae.codec.codec import Codec
 
 
 def cmd_roundtrip(args: argparse.Namespace) -> int:
+    src = Path(args.image)
+    ref, codec = codec_from_args(args)
+    img = load_checked(args.image, codec.factor, args.tile, codec.channels)
+    # An image big enough to tile is where memory matters: the whole command then keeps glibc's allocation
+    # (sdvae/heap.py), the metrics and PNGs of a 4096² image included.
+    padded = [-(-side // codec.factor) * codec.factor for side in img.tensor.shape[-2:]]
+    with bounded_memory() if codec.tiles(*padded) else contextlib.nullcontext():
+        return _roundtrip(args, src, ref, codec, img)
+
+
+def _roundtrip(args: argparse.Namespace, src: Path, ref: str, codec: Codec, img: Any) -> int:
     import torch
 
     from sdvae.images.compose import side_by_side
     from sdvae.images.write import save_image, to_pil
     from sdvae.metrics.pixel import psnr, quantize, ssim
 
-    src = Path(args.image)
-    ref, codec = codec_from_args(args)
-    img = load_checked(args.image, codec.factor, args.tile, codec.channels)
     out = Path(args.output) if args.output else default_output(src, "recon")
     compare = out.with_name(f"{out.stem}.compare.png")
     generator = torch.Generator().manual_seed(args.seed)
-
     start = time.perf_counter()
     recon, enc = codec.roundtrip(img.tensor, sample=args.sample, generator=generator)
     seconds = time.perf_counter() - start

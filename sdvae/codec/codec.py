@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL
 from sdvae.codec import TILE_MODES
 from sdvae.codec.fused import FusedPath, fused_path
 from sdvae.codec.tiling import should_tile, tiled_decode, tiled_encode
+from sdvae.heap import bounded_memory
 from sdvae.images.channels import model_channels
 from sdvae.model.dtypes import resolve_dtype, torch_dtype
 from sdvae.model.info import downsample_factor
@@ -263,7 +264,8 @@ class Codec:
 
         return run
 
-    def _tiled(self, height: int, width: int) -> bool:
+    def tiles(self, height: int, width: int) -> bool:
+        """Whether an image of height × width pixels (a multiple of the factor) is encoded/decoded in tiles."""
         return self.tile == "on" or (self.tile == "auto" and should_tile(height, width))
 
     @torch.inference_mode()
@@ -292,12 +294,13 @@ class Codec:
             The posterior over (B,C,ceil(H/f),ceil(W/f)) latents.
         """
         padded, size = pad_to_multiple(images, self.factor)
-        tiled = self._tiled(*padded.shape[-2:])
+        tiled = self.tiles(*padded.shape[-2:])
 
         def run(model: AutoencoderKL, dtype: torch.dtype) -> torch.Tensor:
             x = padded.to(self.device, dtype)
             if tiled:
-                return tiled_encode(model, x)
+                with bounded_memory():  # tiling is for bounded memory (sdvae/heap.py)
+                    return tiled_encode(model, x)
             h = self._part(model, "encoder")(x.contiguous(memory_format=self._layout_of(model)))
             return model.quant_conv(h) if model.quant_conv is not None else h
 
@@ -315,12 +318,13 @@ class Codec:
         Returns:
             (B,C,H,W) float32 on CPU, nominally in [-1, 1] (not clamped).
         """
-        tiled = self._tiled(z.shape[-2] * self.factor, z.shape[-1] * self.factor)
+        tiled = self.tiles(z.shape[-2] * self.factor, z.shape[-1] * self.factor)
 
         def run(model: AutoencoderKL, dtype: torch.dtype) -> torch.Tensor:
             latents = z.to(self.device, dtype)
             if tiled:
-                return tiled_decode(model, latents)
+                with bounded_memory():
+                    return tiled_decode(model, latents)
             # What AutoencoderKL(Flux2)._decode does untiled, with the decoder module callable compiled.
             latents = latents.contiguous(memory_format=self._layout_of(model))
             if model.post_quant_conv is not None:

@@ -12,6 +12,8 @@ with three changes that keep the math and change only the rounding:
   instead of 36 multiply-adds per output pixel and channel, and the upsampled input is never materialised.
   The summed taps are formed in fp32 and rounded to the computing precision once;
 * convolutions are the modules' own calls (hooks and layouts as elsewhere), attention is the module.
+* no padded copies: the sub-pixel convs pad inside the conv, and the encoder's last ResNet before each
+  ``Downsample2D`` writes its output into the zero-bordered buffer the strided conv reads.
 
 A structure it does not know (custom blocks, time embeddings, other upsamplers) makes :func:`fused_path`
 return None and the Codec calls the modules, as fp32 always does (fp32 stays diffusers' bit for bit).
@@ -35,12 +37,25 @@ def _norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:
     return F.silu(y, inplace=True) if isinstance(act, nn.SiLU) else act(y)
 
 
-def _resnet(x: torch.Tensor, block: ResnetBlock2D) -> torch.Tensor:
-    """ResnetBlock2D without temb or resampling (eval: dropout is the identity); the residual added in place."""
+def _resnet(x: torch.Tensor, block: ResnetBlock2D, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ResnetBlock2D without temb or resampling (eval: dropout is the identity); the residual added in place,
+    or into ``out`` (a view of the right shape) when given."""
     h = block.conv1(_norm_act(x, block.norm1, block.nonlinearity))
     h = block.conv2(_norm_act(h, block.norm2, block.nonlinearity))
-    h = h.add_(block.conv_shortcut(x) if block.conv_shortcut is not None else x)
+    h = torch.add(h, block.conv_shortcut(x) if block.conv_shortcut is not None else x, out=h if out is None else out)
     return h if block.output_scale_factor == 1 else h.div_(block.output_scale_factor)
+
+
+def _bottom_right_padded(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a (B, channels, H+1, W+1) buffer in ``x``'s layout whose last row and column are zeros, its top-left
+    (B, channels, H, W) view): a block's last output written into the view is Downsample2D's padded input
+    without a padded copy."""
+    b, _, h, w = x.shape
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    padded = torch.empty((b, channels, h + 1, w + 1), dtype=x.dtype, device=x.device, memory_format=layout)
+    padded[:, :, h].zero_()
+    padded[:, :, :h, w].zero_()
+    return padded, padded[:, :, :h, :w]
 
 
 def _mid(x: torch.Tensor, block: UNetMidBlock2D) -> torch.Tensor:
@@ -94,7 +109,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     b, _, h, w = x.shape
     o = weight.shape[0] // 4
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias)  # (B, 4·O, H+1, W+1)
+    phases = F.conv2d(x, weight, bias, padding=1)  # (B, 4·O, H+1, W+1); the conv pads: no padded copy
     layout = torch.channels_last if _channels_last(x) or (x.is_contiguous() and _channels_last(weight)) \
         else torch.contiguous_format  # x of 1×1 pixels is both: the weights' layout decides
     out = torch.empty((b, o, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=layout)
@@ -119,10 +134,17 @@ class FusedPath:
         enc = self.vae.encoder
         x = enc.conv_in(x)
         for block in enc.down_blocks:
-            for resnet in block.resnets:
-                x = _resnet(x, resnet)
-            for down in block.downsamplers or []:
-                x = down.conv(F.pad(x, (0, 1, 0, 1)) if down.padding == 0 else x)
+            down = block.downsamplers[0] if block.downsamplers else None  # diffusers' blocks have at most one
+            pad_ahead = down is not None and down.padding == 0 and len(block.resnets) > 0
+            for j, resnet in enumerate(block.resnets):
+                if pad_ahead and j == len(block.resnets) - 1:
+                    padded, view = _bottom_right_padded(x, resnet.out_channels)
+                    _resnet(x, resnet, out=view)
+                    x = padded  # Downsample2D's F.pad(x, (0, 1, 0, 1)), without the copy
+                else:
+                    x = _resnet(x, resnet)
+            if down is not None:
+                x = down.conv(x if down.padding != 0 or pad_ahead else F.pad(x, (0, 1, 0, 1)))
         x = _mid(x, enc.mid_block)
         return enc.conv_out(_norm_act(x, enc.conv_norm_out, enc.conv_act))
 

@@ -313,7 +313,9 @@ class _UnitEncoder:
             import torch
 
             from sdvae.codec.codec import Codec
+            from sdvae.heap import keep_freed_memory
 
+            keep_freed_memory()  # the actor's process is ours (sdvae/heap.py)
             torch.set_num_threads(threads)
             self.job, vae = prepare_job(opts, torch.device(device))
             codec = Codec(vae, device=device, dtype=self.job.opts.dtype, tile="auto", compile=self.job.opts.compile)

@@ -209,3 +209,25 @@ def test_convert_both_ways_and_info(tmp_path: Path) -> None:
     proc = run_cli("convert", "test", str(folder), "--to", "diffusers")  # exists, no --force
     assert proc.returncode != 0 and "--force" in proc.stderr
     _no_traceback(proc)
+
+
+@pytest.mark.parametrize(("tile", "bounded"), [("on", True), ("off", False)])
+def test_roundtrip_of_an_image_that_tiles_runs_with_bounded_memory(photo: Path, tmp_path: Path, monkeypatch,
+                                                                  tile: str, bounded: bool) -> None:
+    import contextlib
+
+    from sdvae.cli import main as cli_main
+    from sdvae.cli import roundtrip
+
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append("bounded")
+        yield
+
+    monkeypatch.setattr(roundtrip, "bounded_memory", recording)
+    monkeypatch.setattr(cli_main, "keep_freed_memory", lambda: False)  # this test process keeps glibc's default
+    assert cli_main.main(["roundtrip", str(photo), "-o", str(tmp_path / "r.png"), "--model", "test",
+                          "--tile", tile]) == 0
+    assert entered == (["bounded"] if bounded else [])

@@ -1,5 +1,5 @@
 """tools/bench.py: ``gpu --device cpu --tiny`` is the smoke test of the prepared GPU script; ``encode`` on tar
-shards of a few tiny images (in-process; torchrun and Ray in the slow test)."""
+shards of a few tiny images (one CLI process; torchrun and Ray in the slow test)."""
 
 from __future__ import annotations
 
@@ -45,23 +45,21 @@ def bench():
 
 
 def test_encode_on_tar_shards_reports_the_bare_loop_and_the_full_path(bench, tmp_path: Path, monkeypatch):
-    from sdvae.latents import export
+    seen, real = [], bench._encode_cli
 
-    seen, real = [], export.run_encode
+    def recording(src, out, args, processes, engine="torchrun"):
+        r = real(src, out, args, processes, engine)  # `sdvae encode-dataset` in a fresh process
+        seen.append((str(src), processes, engine, sorted(p.name for p in Path(out).iterdir())))
+        return r
 
-    def recording(opts):
-        summary = real(opts)
-        seen.append((opts.src, summary))
-        return summary
-
-    monkeypatch.setattr(export, "run_encode", recording)
+    monkeypatch.setattr(bench, "_encode_cli", recording)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "encode.json"
     assert bench.main(["encode", "--model", "test", "--images", "6", "--resolution", "32", "--batch", "4",
                        "--shards", "2", "--workers", "0", "--engines", "1", "--out", str(out)]) == 0
-    [(src, summary)] = seen
-    assert src.endswith("/{00000..00001}.tar")  # the shards, not the folder
-    assert summary["shards_total"] == 2 and summary["rows"] == 6 and summary["complete"]
+    [(src, processes, engine, written)] = seen
+    assert src.endswith("/{00000..00001}.tar") and (processes, engine) == (1, "torchrun")  # the shards, one process
+    assert "sdvae_latents.json" in written and "data" in written  # the dataset it wrote
     result = json.loads(out.read_text())
     assert result["info"]["shards"] == 2 and result["info"]["images"] == 6
     bare, one = result["rows"]
@@ -128,3 +126,24 @@ def test_infer_rounds_interleave_modes_in_alternating_order_and_take_the_median(
     assert rows["b"]["speed"] == "0.10x"  # against the diffusers-fp32 row
     # each row compared with its own output: 0.5 against 0.6 on [-1, 1] images
     assert rows["b"]["psnr_vs_fp32"] == pytest.approx(10 * math.log10(1 / 0.05 ** 2), abs=0.5)
+
+
+def test_train_rounds_take_each_rows_median_and_print_paired_ratios(bench, monkeypatch, capsys):
+    speeds = {"ldm": iter([10.0, 30.0, 20.0]), "ours": iter([24.0, 33.0, 18.0]), "example": iter([5.0, 5.0, 5.0])}
+    calls: list[str] = []
+
+    def child(*argv: str) -> dict:  # stands in for the fresh process of each (round, row)
+        mode, precision = argv[argv.index("--mode") + 1], argv[argv.index("--precision") + 1]
+        calls.append(f"{mode} {precision}")
+        ips = next(speeds[mode]) if precision == "bf16" or mode == "example" else 8.0
+        return {"images_per_s": ips, "seconds_per_step": 16 / ips, "flops_per_step": 1e9, "peak_memory": 1,
+                "first_loss": 1.0, "last_loss": 0.5, "device": "cpu"}
+
+    monkeypatch.setattr(bench, "_bench_child", child)
+    bench.main(["train", "--precisions", "bf16", "--rounds", "3", "--peak-tflops", "1"])
+    rows = ["ldm no", "ldm bf16", "example bf16", "ours bf16"]
+    assert calls == rows + rows[::-1] + rows
+    out = capsys.readouterr().out
+    # medians 24 / 20 = 1.20x; paired per round 24/10, 33/30, 18/20
+    assert "ours (bf16) / ldm same-work (bf16): 1.20x images/s (medians; per round 0.90–2.40x)" in out
+    assert "ours (bf16) / ldm same-work (fp32): 3.00x images/s (medians; per round 2.25–4.12x)" in out

@@ -32,6 +32,14 @@ def test_stopwatch_counts_only_counted_laps():
     assert len(watch.laps) == 3
 
 
+def test_interleaved_alternates_the_order_round_by_round_and_keeps_each_names_results():
+    calls: list[str] = []
+    out = timing.interleaved(["a", "b", "c"], 3, lambda name: calls.append(name) or f"{name}{len(calls)}")
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert out == {"a": ["a1", "a6", "a7"], "b": ["b2", "b5", "b8"], "c": ["c3", "c4", "c9"]}
+    assert timing.interleaved(["a"], 0, lambda name: name) == {"a": ["a"]}  # at least one round
+
+
 def test_flop_counter_gives_the_analytic_count_of_a_matmul_and_a_convolution():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     assert flops.count_flops(lambda: a @ b)[1] == 2 * 8 * 16 * 4

@@ -49,3 +49,14 @@ def time_calls(fn: Callable[[], Any], device="cpu", repeats: int = 3, warmup: in
         with watch.lap(counted=i >= warmup):
             out = fn()
     return out, watch
+
+
+def interleaved(names: list[str], rounds: int, run: Callable[[str], Any]) -> dict[str, list[Any]]:
+    """``run(name)`` for every name, ``rounds`` times over, round by round with odd rounds in reverse order:
+    a machine that speeds up or slows down during the run hits every name alike, and the median over rounds
+    keeps one slow stretch of a shared machine from deciding a ratio. Returns name -> results in round order."""
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for r in range(max(1, rounds)):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(run(name))
+    return results
